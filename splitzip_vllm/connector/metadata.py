@@ -1,0 +1,83 @@
+"""Messages of the connector: scheduler->worker metadata, worker->scheduler manifests, handshake payload."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorHandshakeMetadata,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorWorkerMetadata)
+
+# Notification messages, prefixed so other traffic is ignored.
+NOTIF_DONE = b"SZ:DONE:"   # decode read (or gave up on) a request: prefill may free it
+NOTIF_HB = b"SZ:HB:"       # decode still wants these requests: extend their lease
+
+
+@dataclass
+class RemoteInfo:
+    """Where a request's KV lives on the prefill side (from ``kv_transfer_params``)."""
+    engine_id: str
+    host: str
+    port: int
+    request_id: str
+    tp_size: int
+    block_ids: list[int]
+    manifests: list[dict[str, Any]] | None   # one per prefill TP rank, see Manifest
+
+
+@dataclass
+class RecvRequest:
+    local_block_ids: list[int]   # decode blocks to fill (the blocks not already in the local prefix cache)
+    skip_blocks: int             # leading remote blocks decode already holds
+    remote: RemoteInfo
+
+
+@dataclass
+class SplitZipConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per engine step."""
+    reqs_to_encode: dict[str, list[int]] = field(default_factory=dict)    # prefill: req -> block ids
+    reqs_to_recv: dict[str, RecvRequest] = field(default_factory=dict)    # decode: loads to start
+    reqs_to_release: dict[str, RemoteInfo] = field(default_factory=dict)  # decode: nothing to read, free P
+    reqs_not_sent: set[str] = field(default_factory=set)                  # prefill: aborted, drop its payload
+    heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """What one prefill TP rank published for one request.
+
+    ``mode`` is ``"splitzip"`` (per-layer payloads in the send arena: ``layers[i] = (address, length)``) or
+    ``"direct"`` (raw pages read straight from the prefill KV cache).
+    """
+    mode: str
+    raw_bytes: int
+    wire_bytes: int
+    layers: list[tuple[int, int]] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "raw_bytes": self.raw_bytes, "wire_bytes": self.wire_bytes,
+                "layers": [list(x) for x in self.layers], "reason": self.reason}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Manifest":
+        return Manifest(str(d["mode"]), int(d["raw_bytes"]), int(d["wire_bytes"]),
+                        [(int(a), int(n)) for a, n in d.get("layers", [])], str(d.get("reason", "")))
+
+
+@dataclass
+class SplitZipWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: manifests of requests encoded this step, keyed by request then TP rank."""
+    manifests: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, SplitZipWorkerMetadata)
+        for rid, by_rank in other.manifests.items():
+            self.manifests.setdefault(rid, {}).update(by_rank)
+        return self
+
+
+@dataclass
+class SplitZipHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """Per-worker handshake payload (msgpack bytes of a dict; see worker.handshake_dict)."""
+    payload: bytes = b""

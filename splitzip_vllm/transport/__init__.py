@@ -1,0 +1,1 @@
+"""Transport: NIXL agent wrapper, registered-buffer extent allocator, ZMQ side-channel handshake."""
