@@ -25,6 +25,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "num_failed_transfers": ("splitzip_failed_transfers",
                              "KV loads that failed (peer gone, timeout, corrupted payload, handshake)"),
     "num_expired": ("splitzip_expired_requests", "Prefill requests freed by lease expiry without a read"),
+    "arena_alloc_bytes": ("splitzip_arena_alloc_bytes", "Send-arena bytes reserved for published payloads"),
+    "arena_free_bytes": ("splitzip_arena_free_bytes", "Send-arena bytes released (read, expired or aborted)"),
 }
 
 

@@ -210,6 +210,7 @@ class SplitZipWorker:
             else:
                 layers = self._encode_layers(block_ids, codebook, off, caps)
                 self._sends[rid] = _Send(off)
+                self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
                 return Manifest("splitzip", raw, sum(n for _, n in layers), layers)
         self._sends[rid] = _Send(None)
         self.stats.add(num_direct=1)
@@ -254,6 +255,7 @@ class SplitZipWorker:
     def _drop_send(self, rid: str) -> None:
         send = self._sends.pop(rid, None)
         if send is not None and send.offset is not None:
+            self.stats.add(arena_free_bytes=self.arena_alloc.size_of(send.offset))
             self.arena_alloc.free(send.offset)
         self._finished.discard(rid)
 
@@ -314,7 +316,7 @@ class SplitZipWorker:
         self._issue_reads()
 
     def _issue_reads(self) -> None:
-        for rid, r in self._recvs.items():
+        for rid, r in list(self._recvs.items()):
             if r.handle is not None:
                 continue
             try:

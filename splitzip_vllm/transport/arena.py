@@ -51,6 +51,9 @@ class ExtentAllocator:
                              f"(capacity {self.capacity}, in use {self.used_bytes}, "
                              f"largest free {self.largest_free()})")
 
+    def size_of(self, offset: int) -> int:
+        return self._used[offset]
+
     def shrink(self, offset: int, new_size: int) -> None:
         """Give back the tail of an extent after its real length is known."""
         new_size = _align(max(new_size, 1))

@@ -1,0 +1,1 @@
+"""Helpers to run real vLLM prefill/decode servers and the proxy on one machine (tests, demo, benchmarks)."""
