@@ -34,7 +34,10 @@ def main() -> int:
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), a.model], check=True)
     logs = Path(a.logs)
     args = ["--block-size", "128"]
-    p = Server("prefill", a.model, logs, kv_config(a.connector, "kv_producer"), "0", args=args)
+    # Loopback shared memory is faster than the CPU codec, so "auto" would (rightly) send raw here; the demo
+    # forces compression to show it. On a bandwidth-limited link keep the default "auto".
+    extra = {"compression": "always"} if a.connector == "SplitZipConnector" else None
+    p = Server("prefill", a.model, logs, kv_config(a.connector, "kv_producer", extra=extra), "0", args=args)
     d = Server("decode", a.model, logs, kv_config(a.connector, "kv_consumer"), "1", args=args)
     ref = Server("single", a.model, logs, None, "0", args=args)
     servers = [p, d, ref]

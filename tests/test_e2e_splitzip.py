@@ -30,7 +30,7 @@ def cluster():
     model = tiny_model()
     logs = LOG_ROOT / "splitzip"
     args = ["--block-size", str(BLOCK)]
-    extra_p = {"kv_lease_duration": LEASE}
+    extra_p = {"kv_lease_duration": LEASE, "compression": "always"}  # loopback is fast: "auto" would send raw
     extra_d = {"transfer_timeout": 10.0, "handshake_timeout": 3.0}
     p = Server("prefill", model, logs, kv_config(CONNECTOR, "kv_producer", extra=extra_p), "0", args=args)
     d = Server("decode", model, logs, kv_config(CONNECTOR, "kv_consumer", "recompute", extra_d), "1", args=args)
@@ -39,12 +39,14 @@ def cluster():
                        env={"SPLITZIP_FAULT_INJECT": "corrupt_payload"})
     d_fail = Server("decode-corrupt-fail", model, logs, kv_config(CONNECTOR, "kv_consumer", "fail", extra_d), "1",
                     args=args, env={"SPLITZIP_FAULT_INJECT": "corrupt_payload"})
-    servers = [p, d, d_corrupt, d_fail]
+    d_mismatch = Server("decode-other-block-size", model, logs,
+                        kv_config(CONNECTOR, "kv_consumer", "recompute", extra_d), "1", args=["--block-size", "256"])
+    servers = [p, d, d_corrupt, d_fail, d_mismatch]
     start_all(servers)
     proxy = Proxy([p.url], [d.url], logs).start()
     prompts = make_prompts(LENGTHS, seed=1)
     refs = [token_ids(complete(p.url, completion_body(x))) for x in prompts]
-    yield {"p": p, "d": d, "d_corrupt": d_corrupt, "d_fail": d_fail, "proxy": proxy, "prompts": prompts, "refs": refs}
+    yield {"d_mismatch": d_mismatch, "p": p, "d": d, "d_corrupt": d_corrupt, "d_fail": d_fail, "proxy": proxy, "prompts": prompts, "refs": refs}
     proxy.stop()
     for s in servers:
         s.stop()
@@ -137,9 +139,19 @@ def test_corrupted_payload_fails_cleanly_with_policy_fail(cluster):
     assert df.metrics()["vllm:splitzip_failed_transfers_total"] >= 1
 
 
+def test_incompatible_peer_is_refused_with_reason(cluster):
+    p, dm = cluster["p"], cluster["d_mismatch"]
+    prompt, ref = cluster["prompts"][3], cluster["refs"][3]
+    _, resp = prefill_then_decode(p.url, dm.url, completion_body(prompt))
+    assert token_ids(resp) == ref  # refused transfer -> prompt recomputed locally
+    log = dm.log_path.read_text()
+    assert "prefill has block_size=128 but decode has block_size=256" in log
+    assert dm.metrics()["vllm:splitzip_failed_transfers_total"] >= 1
+
+
 def test_lease_frees_unread_kv(cluster):
     p = cluster["p"]
-    before = p.metrics().get("vllm:splitzip_expired_requests_total", 0)
+    before = _wait_arena_drained(p).get("vllm:splitzip_expired_requests_total", 0)  # earlier leases settle first
     r = httpx.post(f"{p.url}/v1/completions", timeout=60,
                    json=dict(completion_body(cluster["prompts"][5]), max_tokens=1,
                              kv_transfer_params={"do_remote_decode": True}))

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
 class SplitZipConfig:
     codebook: str = "auto"                 # "auto" (calibrate from the first prefills) or a codebook file path
     auto_calibration_requests: int = 4     # "auto": prefills whose KV feed the histogram before it freezes
+    codebook_out: str = ""                 # "auto": write the frozen codebook to this file
+    kv_dump_dir: str = ""                  # prefill: save the KV of prepared requests here (.safetensors)
+    kv_dump_max_requests: int = 16
     compression: str = "auto"              # "auto" | "always" | "never"
     auto_min_link_gbps: float = 0.0        # "auto": compress only while measured link GB/s is below this x codec GB/s
     codec_backend: str = "auto"            # reference | cpu | cuda | triton | auto

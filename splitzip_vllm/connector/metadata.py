@@ -11,6 +11,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorHandsh
 # Notification messages, prefixed so other traffic is ignored.
 NOTIF_DONE = b"SZ:DONE:"   # decode read (or gave up on) a request: prefill may free it
 NOTIF_HB = b"SZ:HB:"       # decode still wants these requests: extend their lease
+NOTIF_RATE = b"SZ:RATE:"   # decode measured "wire_bytes,transfer_s,raw_bytes,decode_s" (compression policy)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
 from ..transport.nixl_agent import NixlTransport, TransportError, mem_type_of
 from ..transport.side_channel import HandshakeError, fetch_handshake
 from .config import PROTOCOL_VERSION, SplitZipConfig
-from .metadata import (NOTIF_DONE, NOTIF_HB, Manifest, RecvRequest, RemoteInfo, SplitZipConnectorMetadata,
+from .policy import CompressionPolicy
+from .metadata import (NOTIF_DONE, NOTIF_HB, NOTIF_RATE, Manifest, RecvRequest, RemoteInfo, SplitZipConnectorMetadata,
                        SplitZipHandshakeMetadata, SplitZipWorkerMetadata)
 from .stats import SplitZipStats
 
@@ -72,6 +73,7 @@ class _Recv:
     extent: int | None = None
     manifest: Manifest | None = None
     local_ranges: list[tuple[int, int]] = field(default_factory=list)
+    decode_s: float = 0.0
 
 
 class SplitZipWorker:
@@ -98,6 +100,9 @@ class SplitZipWorker:
         self._codebook: Codebook | None = None
         self._hist: ExponentHistogram | None = None
         self._calibrated_requests = 0
+        self._dumped = 0
+        self.policy = CompressionPolicy(cfg.compression)
+        self._last_policy: bool | None = None
         # decode
         self._recvs: dict[str, _Recv] = {}
         self._peers: dict[str, _Peer] = {}
@@ -184,10 +189,20 @@ class SplitZipWorker:
         for rid in meta.reqs_not_sent:
             self._drop_send(rid)
         for rid, block_ids in meta.reqs_to_encode.items():
+            if self.cfg.kv_dump_dir and self._dumped < self.cfg.kv_dump_max_requests:
+                self._dump_kv(rid, block_ids)
             t0 = time.perf_counter()
             manifest = self._prepare(rid, block_ids)
+            dt = time.perf_counter() - t0
             self.stats.add(num_encoded=1, encoded_raw_bytes=manifest.raw_bytes,
-                           encoded_wire_bytes=manifest.wire_bytes, encode_seconds=time.perf_counter() - t0)
+                           encoded_wire_bytes=manifest.wire_bytes, encode_seconds=dt)
+            if manifest.mode == "splitzip":
+                self.policy.observe_encode(manifest.raw_bytes, manifest.wire_bytes, dt)
+            decision = manifest.mode == "splitzip"
+            if decision != self._last_policy and self.cfg.compression == "auto":
+                logger.info("SplitZipConnector: now sending %s (%s)", "compressed" if decision else "raw",
+                            self.policy.describe())
+                self._last_policy = decision
             self._new_manifests.setdefault(rid, {})[self.tp_rank] = manifest.to_dict()
 
     def _prepare(self, rid: str, block_ids: list[int]) -> Manifest:
@@ -195,8 +210,8 @@ class SplitZipWorker:
         reason = ""
         if not self.compressible:
             reason = f"dtype {self.dtype} is carried raw"
-        elif self.cfg.compression == "never":
-            reason = "compression policy 'never'"
+        elif not self.policy.should_compress():
+            reason = f"compression policy: {self.policy.describe()}"
         if not reason:
             codebook = self._codebook_for(block_ids)
             caps = [_align(encode_capacity(l.page_bytes // self.layers[0].tensor.element_size() * len(block_ids),
@@ -249,8 +264,23 @@ class SplitZipWorker:
                 logger.info("SplitZipConnector: codebook frozen after %d prefills: %s (coverage %.4f%%, expected "
                             "ratio %.4f)", self._calibrated_requests, list(self._codebook.exponents),
                             100 * self._hist.coverage(self._codebook), self._hist.expected_ratio(self._codebook))
+                if self.cfg.codebook_out:
+                    self._codebook.save(self.cfg.codebook_out, coverage=self._hist.coverage(self._codebook),
+                                        expected_ratio=self._hist.expected_ratio(self._codebook),
+                                        entropy_bits=self._hist.entropy_bits(), samples=self._hist.total)
+                    logger.info("SplitZipConnector: wrote codebook to %s", self.cfg.codebook_out)
                 self._hist = None
         return self._codebook
+
+    def _dump_kv(self, rid: str, block_ids: list[int]) -> None:
+        """Save a prepared request's KV pages (one tensor per layer) for calibration and benchmarks."""
+        from safetensors.torch import save_file
+        os.makedirs(self.cfg.kv_dump_dir, exist_ok=True)
+        idx = torch.tensor(block_ids, device=self.device)
+        tensors = {f"layer{i}": l.tensor.index_select(0, idx).contiguous().cpu() for i, l in enumerate(self.layers)}
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in rid)
+        save_file(tensors, os.path.join(self.cfg.kv_dump_dir, f"tp{self.tp_rank}-{safe}.safetensors"))
+        self._dumped += 1
 
     def _drop_send(self, rid: str) -> None:
         send = self._sends.pop(rid, None)
@@ -277,6 +307,12 @@ class SplitZipWorker:
                 rid = msg[len(NOTIF_DONE):].decode()
                 if rid in self._sends:
                     self._sends[rid].read = True
+            elif msg.startswith(NOTIF_RATE):
+                try:
+                    wire, xfer_s, raw, dec_s = (float(x) for x in msg[len(NOTIF_RATE):].decode().split(","))
+                    self.policy.observe_transfer(int(wire), xfer_s, int(raw), dec_s)
+                except ValueError:
+                    pass
             elif msg.startswith(NOTIF_HB):
                 for rid in msg[len(NOTIF_HB):].decode().split(","):
                     s = self._sends.get(rid)
@@ -332,13 +368,13 @@ class SplitZipWorker:
             raise ValueError(f"prefill published no KV manifest for TP rank {self.tp_rank}")
         m = Manifest.from_dict(remote.manifests[self.tp_rank])
         r.manifest = m
+        peer = self._peer(remote)
+        if peer is None:
+            raise HandshakeError(self._peer_failures[remote.engine_id][1])
         n_remote = len(remote.block_ids)
         if r.req.skip_blocks + len(r.req.local_block_ids) != n_remote:
             raise ValueError(f"block count mismatch: prefill sent {n_remote} blocks, decode has "
                              f"{r.req.skip_blocks} cached + {len(r.req.local_block_ids)} to fill")
-        peer = self._peer(remote)
-        if peer is None:
-            raise HandshakeError(self._peer_failures[remote.engine_id][1])
         notif = NOTIF_DONE + remote.request_id.encode()
         if m.mode == "direct":
             rem, loc = [], []
@@ -456,7 +492,8 @@ class SplitZipWorker:
             regions = ([scratch[i] for i in range(r.req.skip_blocks)] if scratch is not None else [])
             regions += [layer.page(b) for b in r.req.local_block_ids]
             self.backend.decode_into(payload, regions, code) if self.backend else _raw_into(payload, regions)
-        self.stats.add(decode_seconds=time.perf_counter() - t0)
+        r.decode_s = time.perf_counter() - t0
+        self.stats.add(decode_seconds=r.decode_s)
 
     def _complete(self, rid: str, r: _Recv, xfer_s: float) -> None:
         m = r.manifest
@@ -464,6 +501,10 @@ class SplitZipWorker:
             sum(l.page_bytes for l in self.layers) * len(r.req.local_block_ids)
         raw = m.raw_bytes if m and m.mode == "splitzip" else wire
         self.stats.add(num_transfers=1, raw_bytes=raw, wire_bytes=wire, transfer_seconds=xfer_s)
+        peer = self._peers.get(r.req.remote.engine_id)
+        if peer is not None and wire:
+            dec_s = r.decode_s if m is not None and m.mode == "splitzip" else 0.0
+            self.transport.notify(peer.agent, NOTIF_RATE + f"{wire},{xfer_s:.9f},{raw},{dec_s:.9f}".encode())
         self._release_extent(r)
         del self._recvs[rid]
         self._done_recving.add(rid)

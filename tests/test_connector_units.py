@@ -1,0 +1,74 @@
+"""Narrow unit tests of connector parts that need no servers: policy, arena allocator, settings, handshake check."""
+from __future__ import annotations
+
+import pytest
+
+from splitzip_vllm.connector.config import ConfigError, SplitZipConfig
+from splitzip_vllm.connector.policy import CompressionPolicy
+from splitzip_vllm.transport.arena import ALIGN, ArenaFullError, ExtentAllocator
+
+GB = 1e9
+
+
+def test_auto_policy_compresses_on_a_slow_link():
+    p = CompressionPolicy("auto")
+    p.observe_encode(raw_bytes=4 << 20, wire_bytes=3 << 20, seconds=(4 << 20) / (5 * GB))   # 5 GB/s encode
+    p.observe_transfer(wire_bytes=3 << 20, transfer_s=(3 << 20) / (0.125 * GB),              # 1 Gbit/s link
+                       raw_bytes=4 << 20, decode_s=(4 << 20) / (6 * GB))
+    assert p.should_compress()
+    assert "compress" in p.describe()
+
+
+def test_auto_policy_sends_raw_on_a_fast_link():
+    p = CompressionPolicy("auto")
+    p.observe_encode(raw_bytes=4 << 20, wire_bytes=3 << 20, seconds=(4 << 20) / (5 * GB))
+    p.observe_transfer(wire_bytes=4 << 20, transfer_s=(4 << 20) / (25 * GB), raw_bytes=4 << 20,
+                       decode_s=(4 << 20) / (6 * GB))                                        # 200 Gbit/s link
+    assert not p.should_compress()
+    assert p.describe().endswith("-> raw")
+
+
+def test_auto_policy_threshold_is_the_break_even_point():
+    # compress <=> 1/E + 1/D < (1 - 1/r)/B ; with E = D = 8 GB/s and r = 4/3 the break-even link is 1 GB/s
+    for link, expect in ((0.9 * GB, True), (1.1 * GB, False)):
+        p = CompressionPolicy("auto")
+        p.observe_encode(4_000_000, 3_000_000, 4_000_000 / (8 * GB))
+        p.observe_transfer(3_000_000, 3_000_000 / link, 4_000_000, 4_000_000 / (8 * GB))
+        assert p.should_compress() is expect, link
+
+
+def test_fixed_policies_and_unmeasured_auto():
+    assert CompressionPolicy("always").should_compress()
+    assert not CompressionPolicy("never").should_compress()
+    assert CompressionPolicy("auto").should_compress()  # nothing measured yet
+    with pytest.raises(ValueError):
+        CompressionPolicy("sometimes")
+
+
+def test_extent_allocator_first_fit_shrink_and_coalesce():
+    a = ExtentAllocator(10 * ALIGN)
+    x = a.allocate(3 * ALIGN)
+    y = a.allocate(3 * ALIGN)
+    z = a.allocate(4 * ALIGN)
+    assert (x, y, z) == (0, 3 * ALIGN, 6 * ALIGN)
+    with pytest.raises(ArenaFullError, match="no free extent"):
+        a.allocate(1)
+    a.shrink(y, 1)                      # keeps one aligned unit
+    assert a.size_of(y) == ALIGN and a.largest_free() == 2 * ALIGN
+    a.free(x)
+    a.free(z)
+    assert a.largest_free() == 6 * ALIGN  # tail of y coalesced with z: [4,10); [0,3) stays apart
+    a.free(y)
+    assert a.used_bytes == 0 and a.largest_free() == 10 * ALIGN and a.num_extents == 0
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="unknown SplitZipConnector setting"):
+        SplitZipConfig.from_extra({"codebok": "auto"})
+    with pytest.raises(ConfigError, match="compression must be one of"):
+        SplitZipConfig.from_extra({"compression": "maybe"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        SplitZipConfig.from_extra({"codebook": str(tmp_path / "missing.json")})
+    cfg = SplitZipConfig.from_extra({"kv_lease_duration": 5, "side_channel_port": 7000})
+    assert cfg.resolved_side_channel(2) == (cfg.side_channel_host or "localhost", 7002) or \
+        cfg.resolved_side_channel(2)[1] == 7002
