@@ -1,0 +1,330 @@
+"""Triton codec backend: FORMAT.md v1 payloads, byte-identical to ``reference``, for GPUs without the CUDA
+extension (and for CPU tensors under ``TRITON_INTERPRET=1``, which is how it is tested without a GPU).
+
+Importing this module never imports triton; the kernels (``..triton_kernels``) load on first use.
+
+Encode (bfloat16 + codebook), no host synchronisation (the only host->device copies are the region table, from
+pinned memory without blocking, and, once per device and codebook, two small constant tables):
+  1. ``exp4_encode_pass1``: one program per tile (``min(2^chunk_log2, 2048)`` elements on a GPU; tiles never
+     straddle a chunk) writes the sm bytes and packed codes, the tile's escape count and checksum terms;
+  2. ``torch.cumsum`` of the tile counts (escape indices) and ``sum`` of the checksum terms, on the device;
+  3. ``exp4_encode_pass2``: every program reads the escape total, decides EXP4 vs RAW (FORMAT.md §5.1) and
+     either writes its escapes (``tl.cumsum`` over the tile's escape mask gives their order) and its chunk count,
+     or copies its raw bytes (RAW fallback); program 0 writes the header (CRC-32 computed on the device) and the
+     zero gaps between sections.
+  The region list is handed to the kernels as a table of base addresses and start offsets (copied to the
+  device from pinned memory, non-blocking); the regions are never concatenated. One region is passed directly.
+RAW payloads (other dtypes, no codebook, or too small to gain): ``raw_encode_kernel`` + sum + ``raw_header_kernel``.
+
+Decode: one 64-byte device-to-host copy for the header (validated on the host with ``format.parse_header``);
+the escape table is validated on the device (``exp4_validate_kernel``) into an ``ok`` flag that masks every
+store of the decode kernels, so a corrupted table writes nothing; the dense kernel writes all elements, the patch
+kernel overwrites the escaped ones and accounts for the checksum change; one final device-to-host copy brings the
+validation results and the checksum back, and errors raise :class:`PayloadError`. The escape positions of a
+chunk must be strictly ascending (as FORMAT.md §3 orders them; the reference decoder would instead report a
+checksum mismatch for most such payloads): that keeps every element patched at most once, so the checksum
+adjustment is exact. Every load stays inside the payload (offsets come from the validated header, escape
+indices are masked to ``< n_escapes``) and every store inside the destination (masked by region bounds and by
+``position < chunk length``), whatever the flag says.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from typing import Sequence
+
+import torch
+
+from ..codebook import Codebook
+from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, element_size, encode_capacity,
+                      exp4_allowed, parse_header)
+from ..reference import check_destination
+from . import BackendUnavailableError, CodecBackend, register
+
+_KMOD = "splitzip_vllm.codec.triton_kernels"
+# Work per program. The payload bytes do not depend on these. Compiled (GPU) values, and larger ones for the
+# interpreter, whose cost is dominated by a fixed overhead per program (tests also run the GPU values on CPU).
+GPU_TILES = {"exp4": 2048, "raw": 4096, "esc": 256}
+INTERPRETER_TILES = {"exp4": 16384, "raw": 65536, "esc": 4096}
+TILES: dict[str, int] | None = None   # override (tests); None = by mode
+
+
+def _tiles() -> dict[str, int]:
+    if TILES is not None:
+        return TILES
+    return INTERPRETER_TILES if _mode() == "interpreted" else GPU_TILES
+
+
+_triton_ok: bool | None = None
+
+
+def _triton_importable() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_ok = True
+        except Exception:  # ImportError, or a broken install raising anything else at import
+            _triton_ok = False
+    return _triton_ok
+
+
+def _mode() -> str:
+    """``interpreted`` or ``compiled`` (how the kernels run, or will run once imported), or ``mixed``.
+
+    ``triton.jit`` fixes the mode of a function when it is decorated: triton's own library when triton is imported,
+    our kernels when ``..triton_kernels`` is. Both must agree (``TRITON_INTERPRET=1`` set before triton was
+    imported) for the interpreter to work; ``mixed`` supports no device.
+    """
+    mod = sys.modules.get(_KMOD)
+    kern = bool(mod.INTERPRETED) if mod is not None else os.environ.get("TRITON_INTERPRET") == "1"
+    std_fn = getattr(sys.modules.get("triton.language.standard"), "sum", None)
+    std = type(std_fn).__name__ == "InterpretedFunction" if std_fn is not None else kern
+    if kern and std:
+        return "interpreted"
+    return "compiled" if not kern and not std else "mixed"
+
+
+def _kernels():
+    try:
+        from .. import triton_kernels
+    except Exception as e:  # pragma: no cover - depends on the triton install
+        raise BackendUnavailableError(f"the triton codec kernels cannot be loaded: {e}") from e
+    return triton_kernels
+
+
+_const_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _crc_table(device: torch.device) -> torch.Tensor:
+    """int64[513]: crc32 contribution of each header bit (64 bytes x 8 bits), then crc32(64 zero bytes)."""
+    key = ("crc", str(device))
+    t = _const_cache.get(key)
+    if t is None:
+        z = zlib.crc32(bytes(HEADER_BYTES))
+        vals = []
+        for i in range(HEADER_BYTES):
+            for j in range(8):
+                buf = bytearray(HEADER_BYTES)
+                buf[i] = 1 << j
+                vals.append(zlib.crc32(buf) ^ z)
+        vals.append(z)
+        t = torch.tensor(vals, dtype=torch.int64).to(device)
+        _const_cache[key] = t
+    return t
+
+
+def _codebook_table(cb: Codebook, device: torch.device) -> torch.Tensor:
+    """int32[272]: code of each exponent (-1 = escape), then the 16-byte header codebook field."""
+    key = ("cb", cb.exponents, str(device))
+    t = _const_cache.get(key)
+    if t is None:
+        t = torch.tensor(cb.encode_lut() + list(cb.table16()), dtype=torch.int32).to(device)
+        _const_cache[key] = t
+    return t
+
+
+class _Regions:
+    """Kernel arguments describing a region list in units of ``view_dtype``."""
+
+    def __init__(self, regions: Sequence[torch.Tensor], view_dtype: torch.dtype, device: torch.device):
+        if any(not r.is_contiguous() for r in regions):
+            raise ValueError("the triton backend needs contiguous regions (the codec API stages others)")
+        views = [r.reshape(-1).view(view_dtype) for r in regions if r.numel() > 0]
+        self.total = sum(v.numel() for v in views)
+        self.multi = len(views) > 1
+        if not views:
+            self.base = torch.empty(0, dtype=view_dtype, device=device)
+        else:
+            self.base = views[0]
+        if self.multi:
+            starts = [0]
+            for v in views:
+                starts.append(starts[-1] + v.numel())
+            host = torch.tensor([v.data_ptr() for v in views] + starts, dtype=torch.int64)
+            if device.type == "cuda":
+                table = host.pin_memory().to(device, non_blocking=True)
+            else:
+                table = host.to(device)
+            self.ptrs = table[:len(views)]
+            self.starts = table[len(views):]
+            self.count = len(views)
+        else:
+            self.ptrs = self.starts = self.base
+            self.count = 1
+        # ALIGN > 1: every base 16-byte aligned and every start a multiple of 16 bytes (vectorisation hints)
+        unit = 16 // views[0].element_size() if views else 1
+        self.align = unit if self.multi and all(v.data_ptr() % 16 == 0 and v.numel() % unit == 0
+                                                for v in views) else 1
+        self._keep = views  # the views must outlive the launches that use their addresses
+
+    def args(self):
+        return self.base, self.ptrs, self.starts, self.count
+
+
+def _device_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@register
+class TritonBackend(CodecBackend):
+    name = "triton"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return _triton_importable()
+
+    @classmethod
+    def supports_device(cls, device: torch.device) -> bool:
+        device = torch.device(device)
+        if not _triton_importable():
+            return False
+        if device.type == "cuda":
+            # (interpreted kernels would dereference device addresses of the region table on the host)
+            return torch.cuda.is_available() and _mode() == "compiled"
+        if device.type == "cpu":
+            return os.environ.get("TRITON_INTERPRET") == "1" and _mode() == "interpreted"
+        return False
+
+    # ------------------------------------------------------------------------------------------ encode
+
+    def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
+                    chunk_log2: int, out: torch.Tensor) -> None:
+        esize = element_size(dtype)
+        n = sum(r.numel() for r in regions)
+        if out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError("output buffer must be a contiguous uint8 tensor")
+        out = out.reshape(-1)
+        if out.numel() < encode_capacity(n, esize):
+            raise ValueError(f"output buffer holds {out.numel()} bytes, encode needs at least "
+                             f"{encode_capacity(n, esize)}")
+        if any(r.element_size() != esize for r in regions):
+            raise ValueError(f"regions do not hold elements of dtype code {dtype}")
+        device = out.device
+        if any(r.device != device for r in regions):
+            raise ValueError("regions and output buffer must be on one device")
+        K = _kernels()
+        with _device_ctx(device):
+            if (codebook is not None and exp4_allowed(dtype) and n > 0
+                    and Exp4Layout.compute(n, chunk_log2, 0).body_bytes < n * esize):
+                self._encode_exp4(K, regions, n, codebook, chunk_log2, out)
+            else:
+                self._encode_raw(K, regions, dtype, n, out)
+
+    def _encode_raw(self, K, regions, dtype, n, out) -> None:
+        device = out.device
+        nb = n * element_size(dtype)
+        if nb == 0:
+            sums = torch.zeros(2, dtype=torch.int64, device=device)
+        else:
+            reg = _Regions(regions, torch.uint8, device)
+            tiles = _cdiv(nb, _tiles()["raw"])
+            ck = torch.empty(tiles, 2, dtype=torch.int64, device=device)
+            K.raw_encode_kernel[(tiles,)](*reg.args(), nb, out, ck, MULTI=reg.multi, ALIGN=reg.align,
+                                          TILE=_tiles()["raw"])
+            sums = ck.sum(0)
+        K.raw_header_kernel[(1,)](out, _crc_table(device), sums, dtype, n, nb)
+
+    def _encode_exp4(self, K, regions, n, codebook, chunk_log2, out) -> None:
+        device = out.device
+        reg = _Regions(regions, torch.int16, device)
+        tile = min(1 << chunk_log2, _tiles()["exp4"])
+        n_tiles = _cdiv(n, tile)
+        lay = Exp4Layout.compute(n, chunk_log2, 0)
+        cbt = _codebook_table(codebook, device)
+        cnt = torch.empty(n_tiles, dtype=torch.int32, device=device)
+        ck = torch.empty(n_tiles, 2, dtype=torch.int64, device=device)
+        K.exp4_encode_pass1[(n_tiles,)](*reg.args(), n, out, cbt, cnt, ck, lay.off_codes,
+                                        MULTI=reg.multi, ALIGN=reg.align, TILE=tile)
+        incl = torch.cumsum(cnt, 0, dtype=torch.int64)
+        sums = ck.sum(0)
+        K.exp4_encode_pass2[(n_tiles,)](*reg.args(), n, out, cbt, _crc_table(device), cnt, incl, sums, n_tiles,
+                                        lay.n_chunks, chunk_log2, codebook.n_codes, lay.off_codes,
+                                        lay.off_counts, lay.off_pos, MULTI=reg.multi, ALIGN=reg.align,
+                                        TILE=tile)
+
+    # ------------------------------------------------------------------------------------------ decode
+
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+        if payload.dtype != torch.uint8:
+            raise PayloadError(f"a payload is a uint8 buffer, got dtype {payload.dtype}")
+        payload = payload.reshape(-1)
+        if not payload.is_contiguous():
+            payload = payload.contiguous()
+        hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel())
+        n = sum(r.numel() for r in regions)
+        check_destination(hdr, dtype, n)
+        device = payload.device
+        if any(r.device != device for r in regions):
+            raise ValueError("payload and destination regions must be on one device")
+        if n == 0:
+            self._check_sums(hdr, 0, 0)
+            return
+        K = _kernels()
+        with _device_ctx(device):
+            if hdr.mode == MODE_RAW:
+                self._decode_raw(K, hdr, payload, regions)
+            else:
+                self._decode_exp4(K, hdr, payload, regions)
+
+    @staticmethod
+    def _check_sums(hdr, a: int, b: int) -> None:
+        if (a, b) != (hdr.checksum_a, hdr.checksum_b):
+            raise PayloadError("payload checksum mismatch: the decoded data differs from what was encoded "
+                               "(corrupted in transit or in memory)")
+
+    def _decode_raw(self, K, hdr, payload, regions) -> None:
+        device = payload.device
+        reg = _Regions(regions, torch.uint8, device)
+        nb = hdr.body_bytes
+        tiles = _cdiv(nb, _tiles()["raw"])
+        ck = torch.empty(tiles, 2, dtype=torch.int64, device=device)
+        K.raw_decode_kernel[(tiles,)](payload, *reg.args(), nb, ck, MULTI=reg.multi, ALIGN=reg.align,
+                                      TILE=_tiles()["raw"])
+        a, b = (ck.sum(0) & 0xFFFFFFFF).tolist()
+        self._check_sums(hdr, a, b)
+
+    def _decode_exp4(self, K, hdr, payload, regions) -> None:
+        device = payload.device
+        n, cl, m = hdr.n_elems, hdr.chunk_log2, hdr.n_escapes
+        lay = Exp4Layout.compute(n, cl, m)
+        reg = _Regions(regions, torch.int16, device)
+        body = payload[HEADER_BYTES:HEADER_BYTES + hdr.body_bytes]
+        cb = body[lay.off_counts:lay.off_counts + 2 * lay.n_chunks].view(lay.n_chunks, 2).to(torch.int64)
+        counts = cb[:, 0] | (cb[:, 1] << 8)
+        incl = torch.cumsum(counts, 0)
+        err = torch.empty(lay.n_chunks, dtype=torch.int32, device=device)
+        K.exp4_validate_kernel[(lay.n_chunks,)](payload, counts, incl, err, n, m, cl, lay.off_pos,
+                                                EB=_tiles()["esc"])
+        total = incl[-1:]
+        errbits = ((err[:, None] >> torch.arange(3, device=device, dtype=torch.int32)) & 1).amax(0).to(torch.int64)
+        ok = ((total == m) & (err.amax().view(1) == 0)).to(torch.int32)
+        tile = min(1 << cl, _tiles()["exp4"])
+        n_tiles = _cdiv(n, tile)
+        ck = torch.empty(n_tiles + lay.n_chunks, 2, dtype=torch.int64, device=device)
+        K.exp4_decode_dense[(n_tiles,)](payload, *reg.args(), n, ok, ck, lay.off_codes, MULTI=reg.multi,
+                                        ALIGN=reg.align, TILE=tile)
+        K.exp4_decode_patch[(lay.n_chunks,)](payload, *reg.args(), n, m, ok, counts, incl, ck[n_tiles:], cl,
+                                             lay.off_codes, lay.off_pos, lay.off_exp, MULTI=reg.multi,
+                                             ALIGN=reg.align, EB=_tiles()["esc"])
+        sums = ck.sum(0) & 0xFFFFFFFF
+        tot, e_count, e_pos, e_order, a, b = torch.cat([total, errbits, sums]).tolist()
+        if tot != m:
+            raise PayloadError(f"escape table is corrupted: chunk counts sum to {tot}, header says {m}")
+        if e_count:
+            raise PayloadError("escape table is corrupted: a chunk claims more escapes than elements")
+        if e_pos:
+            raise PayloadError("escape table is corrupted: an escape position lies outside its chunk")
+        if e_order:
+            raise PayloadError("escape table is corrupted: escape positions within a chunk are not strictly "
+                               "ascending")
+        self._check_sums(hdr, a, b)
