@@ -1,0 +1,259 @@
+// Thin torch extension `splitzip_vllm._C_cuda` over csrc/cuda/splitzip_cuda.{h,cu}.
+//
+// Everything runs on the CURRENT torch CUDA stream of the tensors' device, and nothing here synchronizes with
+// the host: the region table (when more than one region is given) goes to the device through a pinned buffer
+// and a non-blocking copy, workspaces come from the caching allocator (stream-ordered), and decode returns a
+// device status tensor (int32[4]: code, aux lo, aux hi, 0) that the Python layer turns into PayloadError.
+// Argument problems raise ValueError; CUDA launch errors raise RuntimeError.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../cuda/splitzip_cuda.h"
+#include "splitzip/format.h"
+
+namespace py = pybind11;
+namespace sz = splitzip;
+
+namespace {
+
+[[noreturn]] void value_error(const std::string& m) { throw py::value_error(m); }
+
+void check_launch(int rc, const char* what) {
+  if (rc == SZ_LAUNCH_OK) return;
+  switch (rc) {
+    case SZ_LAUNCH_BAD_ARG: value_error(std::string(what) + ": inconsistent arguments");
+    case SZ_LAUNCH_MISALIGNED: value_error(std::string(what) + ": buffer must be 16-byte aligned");
+    case SZ_LAUNCH_SMALL_BUFFER: value_error(std::string(what) + ": output buffer smaller than encode_capacity");
+    case SZ_LAUNCH_SMALL_WORKSPACE: value_error(std::string(what) + ": workspace too small");
+    default:
+      throw std::runtime_error(std::string(what) + ": CUDA error " +
+                               cudaGetErrorString(static_cast<cudaError_t>(rc)));
+  }
+}
+
+int elem_size_of(int64_t dtype_code) {
+  const int es = sz::dtype_elem_size(int(dtype_code));
+  if (es == 0) value_error("unknown dtype code " + std::to_string(dtype_code));
+  return es;
+}
+
+void check_cuda_tensor(const at::Tensor& t, const at::Device& dev, const char* what, size_t i) {
+  if (!t.is_cuda()) value_error(std::string(what) + " " + std::to_string(i) + " is not a CUDA tensor");
+  if (t.device() != dev)
+    value_error(std::string(what) + " " + std::to_string(i) + " is on " + t.device().str() + ", expected " +
+                dev.str());
+  if (!t.is_contiguous()) value_error(std::string(what) + " " + std::to_string(i) + " is not contiguous");
+}
+
+// Region table of a list of tensors (empty regions dropped). `keep` holds the device copy of the table.
+struct Table {
+  SzRegions r{};
+  at::Tensor keep;
+};
+
+Table table_from_list(const std::vector<at::Tensor>& regions, int esize, const at::Device& dev) {
+  std::vector<const at::Tensor*> parts;
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const at::Tensor& t = regions[i];
+    check_cuda_tensor(t, dev, "region", i);
+    if (int(t.element_size()) != esize)
+      value_error("region " + std::to_string(i) + " has element size " + std::to_string(t.element_size()) +
+                  ", the dtype code needs " + std::to_string(esize));
+    if (t.numel() > 0) parts.push_back(&t);
+  }
+  Table tb;
+  int64_t n = 0;
+  for (const at::Tensor* t : parts) n += t->numel();
+  tb.r.n = n;
+  tb.r.count = int64_t(parts.size());
+  if (parts.size() == 1) tb.r.ptr0 = reinterpret_cast<uint64_t>(parts[0]->data_ptr());
+  if (parts.size() <= 1) return tb;
+  bool uniform = true;
+  for (const at::Tensor* t : parts) uniform &= t->numel() == parts[0]->numel();
+  const int64_t k = int64_t(parts.size());
+  const int64_t len = uniform ? k : 2 * k + 1;
+  at::Tensor host = at::empty({len}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  int64_t off = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    h[i] = int64_t(reinterpret_cast<uintptr_t>(parts[size_t(i)]->data_ptr()));
+    if (!uniform) h[k + i] = off;
+    off += parts[size_t(i)]->numel();
+  }
+  if (!uniform) h[2 * k] = off;
+  tb.keep = at::empty({len}, at::TensorOptions().dtype(at::kLong).device(dev));
+  tb.keep.copy_(host, /*non_blocking=*/true);  // pinned -> device on the current stream, no host sync
+  const int64_t* d = tb.keep.data_ptr<int64_t>();
+  tb.r.ptrs = reinterpret_cast<const uint64_t*>(d);
+  if (uniform) {
+    tb.r.uniform = parts[0]->numel();
+  } else {
+    tb.r.prefix = d + k;
+  }
+  return tb;
+}
+
+// Region table given as device tensors by the caller (e.g. cached block-pointer tables of a paged KV cache).
+// ptrs: int64 CUDA tensor of base addresses; prefix: None (every region holds region_elems elements) or an
+// int64 CUDA tensor of count+1 element offsets (0, ..., n_elems). The table contents are trusted.
+SzRegions table_from_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor>& prefix, int64_t region_elems,
+                          int64_t n_elems, const at::Device& dev) {
+  check_cuda_tensor(ptrs, dev, "pointer table", 0);
+  if (ptrs.scalar_type() != at::kLong) value_error("the pointer table must be an int64 tensor");
+  if (n_elems < 0) value_error("n_elems must be >= 0");
+  SzRegions r{};
+  r.n = n_elems;
+  r.count = ptrs.numel();
+  if (n_elems > 0 && r.count < 1) value_error("the pointer table is empty");
+  r.ptrs = reinterpret_cast<const uint64_t*>(ptrs.data_ptr<int64_t>());
+  if (prefix.has_value()) {
+    check_cuda_tensor(*prefix, dev, "prefix table", 0);
+    if (prefix->scalar_type() != at::kLong || prefix->numel() != r.count + 1)
+      value_error("the prefix table must be int64 with one more entry than the pointer table");
+    r.prefix = prefix->data_ptr<int64_t>();
+  } else {
+    if (region_elems <= 0 || region_elems * r.count != n_elems)
+      value_error("n_elems must equal region_elems * len(ptrs) when no prefix table is given");
+    r.uniform = region_elems;
+  }
+  return r;
+}
+
+std::vector<uint8_t> codebook_bytes(const std::optional<std::vector<int64_t>>& codebook) {
+  std::vector<uint8_t> cb;
+  if (!codebook.has_value()) return cb;
+  if (codebook->size() > size_t(sz::kMaxCodes))
+    value_error("a codebook holds at most " + std::to_string(sz::kMaxCodes) + " exponents");
+  for (int64_t e : *codebook) {
+    if (e < 0 || e > 255) value_error("codebook exponents must be 0..255");
+    cb.push_back(uint8_t(e));
+  }
+  return cb;
+}
+
+void check_out(const at::Tensor& out, const at::Device& dev) {
+  check_cuda_tensor(out, dev, "output", 0);
+  if (out.scalar_type() != at::kByte) value_error("the output buffer must be a uint8 tensor");
+}
+
+void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
+                 const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor& out) {
+  const int esize = elem_size_of(dtype_code);
+  check_out(out, dev);
+  const std::vector<uint8_t> cb = codebook_bytes(codebook);
+  const uint64_t cap = sz::encode_capacity(uint64_t(r.n), uint64_t(esize));
+  if (uint64_t(out.numel()) < cap)
+    value_error("output buffer holds " + std::to_string(out.numel()) + " bytes, encode needs " +
+                std::to_string(cap));
+  const size_t ws_bytes =
+      splitzip_cuda_encode_workspace_bytes(r.n, int(dtype_code), cb.empty() ? 0 : 1, int(chunk_log2));
+  at::Tensor ws = at::empty({int64_t(ws_bytes)}, out.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  check_launch(splitzip_cuda_encode(&r, int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
+                                    int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()),
+                                    ws.data_ptr(), ws_bytes, stream),
+               "splitzip cuda encode");
+}
+
+at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tensor& payload, int64_t payload_len,
+                       int64_t dtype_code, std::optional<at::Tensor> status) {
+  elem_size_of(dtype_code);
+  check_cuda_tensor(payload, dev, "payload", 0);
+  if (payload.scalar_type() != at::kByte) value_error("the payload must be a uint8 tensor");
+  if (payload_len < 0 || payload_len > payload.numel())
+    value_error("payload_len " + std::to_string(payload_len) + " exceeds the payload tensor's " +
+                std::to_string(payload.numel()) + " bytes");
+  at::Tensor st;
+  if (status.has_value()) {
+    st = *status;
+    check_cuda_tensor(st, dev, "status", 0);
+    if (st.scalar_type() != at::kInt || st.numel() < 4) value_error("status must be an int32 tensor of 4 entries");
+  } else {
+    st = at::empty({4}, payload.options().dtype(at::kInt));
+  }
+  const size_t ws_bytes = splitzip_cuda_decode_workspace_bytes(r.n, int(dtype_code));
+  at::Tensor ws = at::empty({int64_t(ws_bytes)}, payload.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  // an empty payload tensor has no storage; point at the (16-byte aligned) workspace, which is never read
+  // as payload because payload_len == 0 fails validation first
+  const uint8_t* pp = payload.numel() > 0 ? payload.data_ptr<uint8_t>() : static_cast<const uint8_t*>(ws.data_ptr());
+  check_launch(splitzip_cuda_decode(pp, uint64_t(payload_len), &r, int(dtype_code),
+                                    reinterpret_cast<uint32_t*>(st.data_ptr<int32_t>()), ws.data_ptr(), ws_bytes,
+                                    stream),
+               "splitzip cuda decode");
+  return st;
+}
+
+void encode_regions(const std::vector<at::Tensor>& regions, int64_t dtype_code,
+                    const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor out) {
+  const at::Device dev = out.device();
+  c10::cuda::CUDAGuard guard(dev);
+  const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
+  encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out);
+}
+
+void encode_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor>& prefix, int64_t region_elems,
+                 int64_t n_elems, int64_t dtype_code, const std::optional<std::vector<int64_t>>& codebook,
+                 int64_t chunk_log2, at::Tensor out) {
+  const at::Device dev = out.device();
+  c10::cuda::CUDAGuard guard(dev);
+  const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
+  encode_impl(r, dev, dtype_code, codebook, chunk_log2, out);
+}
+
+at::Tensor decode_regions(const at::Tensor& payload, int64_t payload_len, const std::vector<at::Tensor>& regions,
+                          int64_t dtype_code, std::optional<at::Tensor> status) {
+  const at::Device dev = payload.device();
+  c10::cuda::CUDAGuard guard(dev);
+  const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
+  return decode_impl(tb.r, dev, payload, payload_len, dtype_code, status);
+}
+
+at::Tensor decode_ptrs(const at::Tensor& payload, int64_t payload_len, const at::Tensor& ptrs,
+                       const std::optional<at::Tensor>& prefix, int64_t region_elems, int64_t n_elems,
+                       int64_t dtype_code, std::optional<at::Tensor> status) {
+  const at::Device dev = payload.device();
+  c10::cuda::CUDAGuard guard(dev);
+  const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
+  return decode_impl(r, dev, payload, payload_len, dtype_code, status);
+}
+
+py::dict status_codes() {
+  py::dict d;
+  for (int c = 0; c < SZ_NUM_STATUS; ++c) d[py::int_(c)] = splitzip_cuda_status_message(c);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SplitZip-KV CUDA codec (FORMAT.md v1); no host synchronization";
+  m.def("encode", &encode_regions, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
+        py::arg("chunk_log2"), py::arg("out"),
+        "Encode the concatenation of CUDA `regions` into `out` (uint8, >= encode_capacity bytes, 16-byte "
+        "aligned) on the current stream. `codebook`: list of exponents or None (RAW). The length is in the "
+        "device-side header.");
+  m.def("encode_ptrs", &encode_ptrs, py::arg("ptrs"), py::arg("prefix"), py::arg("region_elems"),
+        py::arg("n_elems"), py::arg("dtype_code"), py::arg("codebook"), py::arg("chunk_log2"), py::arg("out"),
+        "encode() over a device table of region base addresses (int64 CUDA tensor) with uniform region_elems "
+        "or a device prefix table of element offsets.");
+  m.def("decode", &decode_regions, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
+        py::arg("dtype_code"), py::arg("status") = py::none(),
+        "Decode the first `payload_len` bytes of `payload` (16-byte aligned) into CUDA `regions` on the current "
+        "stream; returns the device status tensor int32[4] (0 = ok) without synchronizing.");
+  m.def("decode_ptrs", &decode_ptrs, py::arg("payload"), py::arg("payload_len"), py::arg("ptrs"),
+        py::arg("prefix"), py::arg("region_elems"), py::arg("n_elems"), py::arg("dtype_code"),
+        py::arg("status") = py::none(), "decode() into a device region table (see encode_ptrs).");
+  m.def("encode_workspace_bytes", &splitzip_cuda_encode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"),
+        py::arg("codebook_given"), py::arg("chunk_log2"));
+  m.def("decode_workspace_bytes", &splitzip_cuda_decode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"));
+  m.def("status_message", &splitzip_cuda_status_message, py::arg("code"));
+  m.def("status_codes", &status_codes, "code -> generic message of every decode status");
+}

@@ -1,0 +1,218 @@
+"""CUDA codec backend (``splitzip_vllm._C_cuda``, built from ``csrc/cuda/splitzip_cuda.cu``).
+
+Encode and decode run on the current torch CUDA stream and never synchronise with the host:
+
+* ``encode_into`` writes header + body into ``out``; the payload length is in the device-side header
+  (``64 + body_bytes``), so a caller that needs it on the host reads the 64 header bytes.
+* ``decode_into_async`` validates the payload on the device and returns an ``int32[4]`` device status tensor
+  (``[code, aux_lo, aux_hi, 0]``, code 0 = OK). Nothing is written outside the destination regions and nothing is
+  read past the payload length, whatever the payload holds; on a non-zero code the destination holds garbage.
+  ``raise_for_status`` (synchronises) turns a status into :class:`PayloadError` with the message the reference
+  decoder would give. ``decode_into`` is the synchronous convenience path (both steps).
+* ``encode_table_into`` / ``decode_table_into_async`` take a device table of region base addresses (int64 CUDA
+  tensor) instead of a tensor list, for callers that keep block-pointer tables on the device (paged KV cache):
+  every region holds ``region_elems`` elements, or ``prefix`` (int64 CUDA tensor, ``len(ptrs) + 1`` element
+  offsets) gives their sizes. The tables are trusted.
+
+Buffers must be 16-byte aligned for the kernels; misaligned ``out`` / ``payload`` tensors are staged through an
+aligned temporary (device-to-device copy, still asynchronous).
+
+Importing this module never fails because the extension is missing: ``is_available()`` is then False.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..codebook import Codebook
+from ..format import HEADER_BYTES, PayloadError, element_size, encode_capacity, parse_header
+from . import BackendUnavailableError, CodecBackend, register
+
+try:
+    from ... import _C_cuda  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # extension not built (CPU-only torch, or built without CUDA)
+    _C_cuda = None
+    _IMPORT_ERROR = e
+
+# Device status codes (csrc/cuda/splitzip_cuda.h, enum SzStatus), ordered like the checks of FORMAT.md §6.
+ST_OK = 0
+ST_HEADER_FIRST, ST_HEADER_LAST = 1, 17   # header problems (steps 1-3): parse_header() words them
+ST_DST_DTYPE = 18
+ST_DST_COUNT = 19
+ST_ESC_SUM = 20
+ST_ESC_COUNT = 21
+ST_ESC_POS = 22
+ST_CHECKSUM = 23
+
+_ALIGN = 16
+
+
+def status_error_message(code: int, aux: int, header: bytes, payload_len: int, dtype: int,
+                         n_elems: int) -> str | None:
+    """Message of the :class:`PayloadError` for a device decode status (None for OK).
+
+    ``header`` holds the payload's first ``min(64, payload_len)`` bytes; the messages are those of
+    ``splitzip_vllm.codec.reference.decode`` for the same payload and destination.
+    """
+    from ..reference import check_destination
+
+    if code == ST_OK:
+        return None
+    if ST_HEADER_FIRST <= code <= ST_HEADER_LAST:
+        try:
+            parse_header(header, payload_len)
+        except PayloadError as e:
+            return str(e)
+        return f"payload header rejected on the device (status {code})"
+    try:
+        hdr = parse_header(header, payload_len)
+    except PayloadError as e:  # cannot happen for codes >= 18 (the device validated the header)
+        return str(e)
+    if code in (ST_DST_DTYPE, ST_DST_COUNT):
+        try:
+            check_destination(hdr, dtype, n_elems)
+        except PayloadError as e:
+            return str(e)
+        return "payload does not fit the destination"
+    if code == ST_ESC_SUM:
+        return f"escape table is corrupted: chunk counts sum to {aux}, header says {hdr.n_escapes}"
+    if code == ST_ESC_COUNT:
+        return "escape table is corrupted: a chunk claims more escapes than elements"
+    if code == ST_ESC_POS:
+        return "escape table is corrupted: an escape position lies outside its chunk"
+    if code == ST_CHECKSUM:
+        return ("payload checksum mismatch: the decoded data differs from what was encoded "
+                "(corrupted in transit or in memory)")
+    return f"unknown splitzip decode status {code}"
+
+
+def _status_values(status: torch.Tensor) -> tuple[int, int]:
+    s = [int(v) & 0xFFFFFFFF for v in status.reshape(-1)[:4].cpu().tolist()]
+    return s[0], s[1] | (s[2] << 32)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.numel() == 0 or t.data_ptr() % _ALIGN == 0
+
+
+def _cuda_regions(regions: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    out = []
+    for r in regions:
+        if r.device != device:
+            raise ValueError(f"the cuda codec backend needs all tensors on {device}, got one on {r.device}")
+        out.append(r if r.is_contiguous() else r.contiguous())
+    return out
+
+
+def _flat_payload(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if payload.dtype != torch.uint8:
+        raise PayloadError(f"a payload is a uint8 buffer, got dtype {payload.dtype}")
+    if payload.device != device:
+        raise ValueError(f"payload is on {payload.device}, the destination on {device}")
+    flat = payload.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if not _aligned(flat):
+        staged = torch.empty_like(flat)  # fresh allocations are aligned
+        staged.copy_(flat)
+        flat = staged
+    return flat
+
+
+@register
+class CudaBackend(CodecBackend):
+    name = "cuda"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return _C_cuda is not None and torch.cuda.is_available()
+
+    @classmethod
+    def supports_device(cls, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    @staticmethod
+    def _ext():
+        if _C_cuda is None:
+            raise BackendUnavailableError(f"splitzip_vllm._C_cuda is not built: {_IMPORT_ERROR}")
+        return _C_cuda
+
+    # ---- encode ---------------------------------------------------------------------------------------------
+    def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
+                    chunk_log2: int, out: torch.Tensor) -> None:
+        ext = self._ext()
+        if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous():
+            raise ValueError("the cuda codec backend encodes into a contiguous uint8 CUDA tensor")
+        regs = _cuda_regions(regions, out.device)
+        cb = list(codebook.exponents) if codebook is not None else None
+        flat = out.reshape(-1)
+        if _aligned(flat):
+            ext.encode(regs, dtype, cb, chunk_log2, flat)
+            return
+        n = sum(r.numel() for r in regs)
+        cap = encode_capacity(n, element_size(dtype))
+        if flat.numel() < cap:
+            raise ValueError(f"output buffer holds {flat.numel()} bytes, encode needs {cap}")
+        tmp = torch.empty(cap, dtype=torch.uint8, device=out.device)
+        ext.encode(regs, dtype, cb, chunk_log2, tmp)
+        flat[:cap].copy_(tmp)
+
+    def encode_table_into(self, ptrs: torch.Tensor, prefix: torch.Tensor | None, region_elems: int, n_elems: int,
+                          dtype: int, codebook: Codebook | None, chunk_log2: int, out: torch.Tensor) -> None:
+        """``encode_into`` over a device table of region base addresses (see the module docstring)."""
+        ext = self._ext()
+        if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous() or not _aligned(out):
+            raise ValueError("encode_table_into needs a contiguous, 16-byte aligned uint8 CUDA output tensor")
+        cb = list(codebook.exponents) if codebook is not None else None
+        ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1))
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+        """Decode and wait for the verdict: raises :class:`PayloadError` (synchronises the stream)."""
+        if not regions:
+            raise ValueError("no destination regions given")
+        status = self.decode_into_async(payload, regions, dtype)
+        self.raise_for_status(status, payload, dtype, sum(r.numel() for r in regions))
+
+    def decode_into_async(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                          status: torch.Tensor | None = None) -> torch.Tensor:
+        """Enqueue the decode on the current stream; returns the device status tensor (int32[4], 0 = OK).
+
+        No host synchronisation (CUDA-graph and side-stream safe apart from the pinned region-table copy made for
+        more than one region; use ``decode_table_into_async`` with a device table inside graphs). ``status``
+        may be a preallocated int32 CUDA tensor of >= 4 entries. Check it later with ``raise_for_status`` or
+        read ``status[0]`` on the device.
+        """
+        ext = self._ext()
+        if not regions:
+            raise ValueError("no destination regions given")
+        dev = regions[0].device
+        if dev.type != "cuda":
+            raise ValueError(f"the cuda codec backend decodes into CUDA tensors, got {dev}")
+        regs = _cuda_regions(regions, dev)
+        for r in regions:
+            if not r.is_contiguous():
+                raise ValueError("decode destinations must be contiguous (the api stages non-contiguous ones)")
+        flat = _flat_payload(payload, dev)
+        return ext.decode(flat, flat.numel(), regs, dtype, status)
+
+    def decode_table_into_async(self, payload: torch.Tensor, ptrs: torch.Tensor, prefix: torch.Tensor | None,
+                                region_elems: int, n_elems: int, dtype: int,
+                                status: torch.Tensor | None = None) -> torch.Tensor:
+        """``decode_into_async`` into a device table of region base addresses (see the module docstring)."""
+        ext = self._ext()
+        flat = _flat_payload(payload, ptrs.device)
+        return ext.decode_ptrs(flat, flat.numel(), ptrs, prefix, region_elems, n_elems, dtype, status)
+
+    @staticmethod
+    def raise_for_status(status: torch.Tensor, payload: torch.Tensor, dtype: int, n_elems: int) -> None:
+        """Synchronise on ``status`` and raise :class:`PayloadError` when the decode failed."""
+        code, aux = _status_values(status)
+        if code == ST_OK:
+            return
+        flat = payload.reshape(-1)
+        header = flat[:HEADER_BYTES].cpu().numpy().tobytes()
+        msg = status_error_message(code, aux, header, flat.numel(), dtype, n_elems)
+        raise PayloadError(msg)

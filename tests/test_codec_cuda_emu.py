@@ -1,0 +1,367 @@
+"""The CUDA codec's kernel source, compiled for the CPU with csrc/cuda/emu/cuda_emu.h, against the reference.
+
+No GPU needed: ``csrc/cuda/splitzip_cuda.cu`` is built as C++ with ``-DSPLITZIP_CUDA_EMU`` (256 cooperative
+fibers per block with real barrier / warp-shuffle semantics, blocks on several OS threads so look-backs see
+other blocks in flight) and driven through its C launchers with ctypes; "device" memory is host memory. The
+payloads must be byte-identical to ``splitzip_vllm.codec.reference``, decoding must restore the data, and every
+corrupted payload must give the reference decoder's error without a write outside the destination.
+tests/test_codec_cuda.py runs the same kind of checks on a real GPU through the torch extension.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitzip_vllm.codec import reference
+from splitzip_vllm.codec.backends.cuda_backend import status_error_message
+from splitzip_vllm.codec.codebook import Codebook
+from splitzip_vllm.codec.format import HEADER_BYTES, PayloadError, encode_capacity, parse_header
+
+ROOT = Path(__file__).resolve().parents[1]
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+BF16 = 1
+BOOK = Codebook((122, 121, 123, 120, 124, 119, 125, 118, 117, 126, 116, 115, 127, 114, 113, 112))
+
+
+class SzRegions(ctypes.Structure):
+    _fields_ = [("ptrs", ctypes.c_void_p), ("prefix", ctypes.c_void_p), ("ptr0", ctypes.c_uint64),
+                ("uniform", ctypes.c_int64), ("count", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler to build the CUDA-emulation library")
+    out = tmp_path_factory.mktemp("szemu") / "libsplitzip_cuda_emu.so"
+    cmd = [CXX, "-std=c++17", "-O1", "-DSPLITZIP_CUDA_EMU", "-x", "c++", "-shared", "-fPIC", "-pthread",
+           "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc" / "include"), "-I", str(ROOT / "csrc" / "cuda"),
+           str(ROOT / "csrc" / "cuda" / "splitzip_cuda.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"building the emulation library failed:\n{res.stderr[-4000:]}")
+    so = ctypes.CDLL(str(out))
+    P = ctypes.POINTER(SzRegions)
+    so.splitzip_cuda_encode.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                        ctypes.c_void_p]
+    so.splitzip_cuda_encode_workspace_bytes.restype = ctypes.c_size_t
+    so.splitzip_cuda_encode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    so.splitzip_cuda_decode.argtypes = [ctypes.c_void_p, ctypes.c_uint64, P, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    so.splitzip_cuda_decode_workspace_bytes.restype = ctypes.c_size_t
+    so.splitzip_cuda_decode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int]
+    so.splitzip_cuda_status_message.restype = ctypes.c_char_p
+    so.sz_emu_configure(4, 2, 3)  # 4 "SMs" x 2 resident blocks, blocks run on 3 OS threads
+    return so
+
+
+class Table:
+    """SzRegions for a list of CPU tensors (host memory plays device memory), like the torch binding builds."""
+
+    def __init__(self, regions: list[torch.Tensor], force_prefix: bool = False):
+        parts = [r for r in regions if r.numel() > 0]
+        n = sum(r.numel() for r in parts)
+        self.keep = []
+        if len(parts) == 0:
+            self.s = SzRegions(None, None, 0, 0, 0, 0)
+        elif len(parts) == 1 and not force_prefix:
+            self.s = SzRegions(None, None, parts[0].data_ptr(), 0, 1, n)
+        else:
+            ptrs = torch.tensor([r.data_ptr() for r in parts], dtype=torch.int64)
+            self.keep.append(ptrs)
+            sizes = {r.numel() for r in parts}
+            if len(sizes) == 1 and not force_prefix:
+                self.s = SzRegions(ptrs.data_ptr(), None, 0, parts[0].numel(), len(parts), n)
+            else:
+                off = [0]
+                for r in parts:
+                    off.append(off[-1] + r.numel())
+                prefix = torch.tensor(off, dtype=torch.int64)
+                self.keep.append(prefix)
+                self.s = SzRegions(ptrs.data_ptr(), prefix.data_ptr(), 0, 0, len(parts), n)
+
+
+def aligned_empty(nbytes: int, fill: int | None = None) -> torch.Tensor:
+    t = torch.empty(nbytes + 64, dtype=torch.uint8)
+    off = (-t.data_ptr()) % 16
+    v = t[off:off + nbytes]
+    if fill is not None:
+        v.fill_(fill)
+    return v
+
+
+def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False) -> torch.Tensor:
+    tb = Table(regions, force_prefix)
+    n = tb.s.n
+    esize = regions[0].element_size() if regions else 2
+    cap = encode_capacity(n, esize)
+    out = aligned_empty(cap + 256, fill=0xA5)
+    wsb = so.splitzip_cuda_encode_workspace_bytes(n, dtype, 1 if codebook else 0, chunk_log2)
+    ws = aligned_empty(wsb + 256, fill=0x5A)
+    cb = bytes(codebook.exponents) if codebook else None
+    rc = so.splitzip_cuda_encode(ctypes.byref(tb.s), dtype, cb, codebook.n_codes if codebook else 0, chunk_log2,
+                                 out.data_ptr(), cap, ws.data_ptr(), wsb, None)
+    assert rc == 0, rc
+    assert bool((out[cap:] == 0xA5).all()), "encode wrote past encode_capacity"
+    assert bool((ws[wsb:] == 0x5A).all()), "encode wrote past its workspace"
+    length = parse_header(out[:HEADER_BYTES].numpy().tobytes()).payload_bytes
+    assert length <= cap
+    return out[:length].clone()
+
+
+def emu_decode(so, payload: torch.Tensor, regions, dtype, payload_len=None, force_prefix=False):
+    """Returns (code, aux) of the device status."""
+    tb = Table(regions, force_prefix)
+    p = aligned_empty(max(payload.numel(), 1))
+    p[:payload.numel()].copy_(payload)
+    plen = payload.numel() if payload_len is None else payload_len
+    wsb = so.splitzip_cuda_decode_workspace_bytes(tb.s.n, dtype)
+    ws = aligned_empty(wsb + 64, fill=0x5A)
+    st = torch.full((4,), -1, dtype=torch.int32)
+    rc = so.splitzip_cuda_decode(p.data_ptr(), plen, ctypes.byref(tb.s), dtype, st.data_ptr(), ws.data_ptr(), wsb,
+                                 None)
+    assert rc == 0, rc
+    assert bool((ws[wsb:] == 0x5A).all()), "decode wrote past its workspace"
+    s = [int(v) & 0xFFFFFFFF for v in st.tolist()]
+    return s[0], s[1] | (s[2] << 32)
+
+
+def kv_like(n: int, seed: int, outliers: float = 0.002) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ch = 128
+    rows = (n + ch - 1) // ch
+    scale = torch.exp(torch.randn(1, ch, generator=g) * 0.7) * 0.05
+    x = torch.randn(rows, ch, generator=g) * scale
+    if outliers:
+        m = torch.rand(rows, ch, generator=g) < outliers
+        x = torch.where(m, x * 3000.0 + 1e-30, x)
+    return x.reshape(-1)[:n].to(torch.bfloat16).contiguous()
+
+
+def check_roundtrip(so, regions, codebook=BOOK, chunk_log2=12, dtype=BF16, force_prefix=False):
+    got = emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix)
+    ref = reference.encode(regions, dtype, codebook, chunk_log2)
+    assert got.numel() == ref.numel() and torch.equal(got, ref), "payload differs from the reference"
+    dst = [torch.empty_like(r) for r in regions]
+    code, aux = emu_decode(so, ref, dst, dtype, force_prefix=force_prefix)
+    assert (code, aux) == (0, 0)
+    for a, b in zip(dst, regions):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return got
+
+
+# ---- tests ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_log2", [8, 12, 15])
+def test_all_bf16_patterns(lib, chunk_log2):
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    x = x[torch.randperm(65536, generator=torch.Generator().manual_seed(chunk_log2))].view(torch.bfloat16)
+    # every pattern, with a codebook and with one that holds exponent 0 / 255 (escapes of all kinds)
+    check_roundtrip(lib, [x], BOOK, chunk_log2)
+    check_roundtrip(lib, [x], Codebook((0, 255, 127, 126)), chunk_log2)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 255, 256, 257, 1000, 2047, 2048, 2049,
+                               4095, 4096, 4097, 8191, 8192, 8193, 12289, 30001])
+def test_sizes(lib, n):
+    x = kv_like(n, seed=n, outliers=0.01)
+    for cl in (8, 12):
+        check_roundtrip(lib, [x], BOOK, cl)
+
+
+def test_empty(lib):
+    check_roundtrip(lib, [torch.empty(0, dtype=torch.bfloat16)], BOOK, 12)
+    got = emu_encode(lib, [], BF16, BOOK, 12)
+    assert torch.equal(got, reference.encode([], BF16, BOOK, 12))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.002, 0.05, 0.15, 0.4, 1.0])
+def test_escape_rates(lib, rate):
+    # high rates push the payload to the RAW fallback (FORMAT.md §5.1); both sides of the boundary
+    x = kv_like(20000, seed=7, outliers=rate)
+    for cl in (8, 13):
+        check_roundtrip(lib, [x], BOOK, cl)
+
+
+def test_raw_boundary_search(lib):
+    # escape counts right around the EXP4/RAW decision for a fixed n
+    n = 6000
+    base = kv_like(n, seed=3, outliers=0.0)
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(n, generator=g)
+    for m in (1400, 1440, 1455, 1460, 1470, 1500, 1600):
+        x = base.clone()
+        x[order[:m]] = torch.tensor(3.0e30, dtype=torch.bfloat16)
+        check_roundtrip(lib, [x], BOOK, 8)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [(0, torch.uint8), (2, torch.float16), (3, torch.float32)] + (
+    [(4, torch.float8_e4m3fn)] if hasattr(torch, "float8_e4m3fn") else []))
+def test_raw_dtypes(lib, dtype, torch_dtype):
+    for n in (1, 17, 5000, 40001):
+        x = (torch.randn(n) * 4).to(torch_dtype) if torch_dtype != torch.uint8 else torch.randint(0, 256, (n,),
+                                                                                                   dtype=torch.uint8)
+        check_roundtrip(lib, [x], BOOK, 12, dtype=dtype)  # codebook ignored: RAW
+
+
+def test_no_codebook(lib):
+    check_roundtrip(lib, [kv_like(9999, seed=1)], None, 12)
+
+
+def test_multi_region_uniform_pages(lib):
+    pages = [kv_like(16 * 8 * 40, seed=i) for i in range(9)]  # 5120-element pages: tiles straddle pages
+    check_roundtrip(lib, pages, BOOK, 12)
+    check_roundtrip(lib, pages, BOOK, 8)
+    check_roundtrip(lib, pages, BOOK, 12, force_prefix=True)
+
+
+def test_multi_region_ragged_unaligned(lib):
+    big = kv_like(60000, seed=11, outliers=0.02)
+    cuts = [0, 1, 1, 9, 700, 701, 5000, 5003, 13000, 13000, 29999, 41000, 59990]
+    regions = [big[a:b] for a, b in zip(cuts[:-1], cuts[1:])]  # odd sizes, empty ones, 2-byte aligned bases
+    check_roundtrip(lib, regions, BOOK, 12)
+    check_roundtrip(lib, regions, BOOK, 9)
+    check_roundtrip(lib, [big[3:4003], big[5000:9000]], None, 12)  # RAW with unaligned regions
+    f = torch.randn(9001).to(torch.float16)
+    check_roundtrip(lib, [f[1:4000], f[4000:4001], f[4001:]], BOOK, 12, dtype=2)
+
+
+def test_decode_into_regions_keeps_canaries(lib):
+    x = kv_like(30000, seed=2, outliers=0.01)
+    payload = reference.encode([x], BF16, BOOK, 12)
+    buf = torch.full((40000,), 7.0, dtype=torch.bfloat16)
+    cuts = [(5, 1005), (1100, 11100), (12001, 31001)]  # unaligned (offset 10 bytes) and aligned starts
+    sizes = [b - a for a, b in cuts]
+    assert sum(sizes) == 30000
+    regions = [buf[a:b] for a, b in cuts]
+    code, _ = emu_decode(lib, payload, regions, BF16)
+    assert code == 0
+    assert torch.equal(torch.cat(regions).view(torch.int16), x.view(torch.int16))
+    mask = torch.ones(40000, dtype=torch.bool)
+    for a, b in cuts:
+        mask[a:b] = False
+    assert bool((buf[mask] == 7.0).all())
+
+
+def _reference_verdict(payload: torch.Tensor, dtype: int, n: int) -> str | None:
+    try:
+        reference.decode(payload, dtype, n)
+    except PayloadError as e:
+        return str(e)
+    return None
+
+
+def _emu_verdict(lib, payload: torch.Tensor, dtype: int, n: int, torch_dtype=torch.bfloat16,
+                 payload_len: int | None = None) -> str | None:
+    buf = torch.full((n + 4096,), 0x3C3C, dtype=torch.int16).view(torch_dtype)  # 2-byte dtypes
+    canary = buf.clone()
+    regions = [buf[1000:1000 + n // 2], buf[1000 + n // 2 + 37:1000 + n + 37]]
+    code, aux = emu_decode(lib, payload, regions, dtype, payload_len=payload_len)
+    keep = torch.ones(buf.numel(), dtype=torch.bool)
+    keep[1000:1000 + n // 2] = False
+    keep[1000 + n // 2 + 37:1000 + n + 37] = False
+    assert torch.equal(buf.view(torch.uint8).view(-1, buf.element_size())[keep],
+                       canary.view(torch.uint8).view(-1, buf.element_size())[keep]), "write outside the destination"
+    plen = payload.numel() if payload_len is None else payload_len
+    header = payload[:min(HEADER_BYTES, plen)].numpy().tobytes()
+    return status_error_message(code, aux, header, plen, dtype, n)
+
+
+def test_corrupted_payloads_match_reference_errors(lib):
+    n = 9001
+    x = kv_like(n, seed=21, outliers=0.02)
+    payload = reference.encode([x], BF16, BOOK, 8)
+    hdr = parse_header(payload[:64].numpy().tobytes())
+    assert hdr.mode == 1 and hdr.n_escapes > 50
+    from splitzip_vllm.codec.format import Exp4Layout
+    lay = Exp4Layout.compute(n, 8, hdr.n_escapes)
+    body = HEADER_BYTES
+    spots = {
+        "header": range(0, 64),
+        "sm": range(body, body + n),
+        "codes": range(body + lay.off_codes, body + lay.off_codes + (n + 1) // 2),
+        "counts": range(body + lay.off_counts, body + lay.off_counts + 2 * lay.n_chunks),
+        "pos": range(body + lay.off_pos, body + lay.off_pos + 2 * hdr.n_escapes),
+        "exp": range(body + lay.off_exp, body + lay.off_exp + hdr.n_escapes),
+    }
+    g = torch.Generator().manual_seed(99)
+    cases = 0
+    for name, rng in spots.items():
+        for _ in range(6 if name != "header" else 10):
+            p = payload.clone()
+            k = rng[int(torch.randint(len(rng), (1,), generator=g))]
+            p[k] ^= int(torch.randint(1, 256, (1,), generator=g))
+            assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n), (name, k)
+            cases += 1
+    # targeted: a count too large, counts that do not sum, a position past the chunk, a short last chunk
+    p = payload.clone()
+    c0 = body + lay.off_counts
+    p[c0:c0 + 2] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)
+    assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
+    p = payload.clone()
+    cnt = int(p[c0]) | (int(p[c0 + 1]) << 8)
+    p[c0] = (cnt + 1) & 0xFF
+    assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
+    p = payload.clone()
+    p[body + lay.off_pos:body + lay.off_pos + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)
+    assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
+    last = body + lay.off_counts + 2 * (lay.n_chunks - 1)  # last chunk holds n % 256 = 41 elements
+    p = payload.clone()
+    p[last:last + 2] = torch.tensor([42, 0], dtype=torch.uint8)
+    assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
+    # truncations, wrong destination, empty buffer
+    for plen in (0, 10, 63, 64, payload.numel() - 1):
+        assert _emu_verdict(lib, payload, BF16, n, payload_len=plen) == \
+            _reference_verdict(payload[:plen], BF16, n)
+    assert _emu_verdict(lib, payload, BF16, n - 1) == _reference_verdict(payload, BF16, n - 1)
+    assert _emu_verdict(lib, payload, 2, n, torch_dtype=torch.float16) == _reference_verdict(payload, 2, n)
+    assert _emu_verdict(lib, payload, BF16, n) is None
+    assert cases >= 40
+
+
+def test_corrupted_raw_payload(lib):
+    n = 5000
+    x = torch.randn(n).to(torch.float16)
+    payload = reference.encode([x], 2, None, 12)
+    for k in (0, 5, 13, 40, 64, 100, 64 + 2 * n - 1):
+        p = payload.clone()
+        p[k] ^= 0x10
+        assert _emu_verdict(lib, p, 2, n, torch_dtype=torch.float16) == _reference_verdict(p, 2, n)
+
+
+def test_launcher_argument_checks(lib):
+    x = kv_like(1000, seed=1)
+    tb = Table([x])
+    cap = encode_capacity(1000, 2)
+    out = aligned_empty(cap + 32)
+    wsb = lib.splitzip_cuda_encode_workspace_bytes(1000, BF16, 1, 12)
+    ws = aligned_empty(wsb + 16)
+    cb = bytes(BOOK.exponents)
+    args = (ctypes.byref(tb.s), BF16, cb, 16, 12)
+    assert lib.splitzip_cuda_encode(*args, out.data_ptr() + 1, cap, ws.data_ptr(), wsb, None) == -2
+    assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap - 1, ws.data_ptr(), wsb, None) == -3
+    assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap, ws.data_ptr(), wsb - 1, None) == -4
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), 9, cb, 16, 12, out.data_ptr(), cap, ws.data_ptr(), wsb,
+                                    None) == -1
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 12, out.data_ptr(), cap,
+                                    ws.data_ptr(), wsb, None) == -1
+    assert lib.splitzip_cuda_status_message(23).startswith(b"payload checksum mismatch")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 3), (16, 4, 2)])
+def test_many_tiles_under_different_grids(lib, shape):
+    # tens of encode / decode tiles; grids of 1 .. 64 persistent decode blocks on 1 .. 3 OS threads
+    lib.sz_emu_configure(*shape)
+    try:
+        x = kv_like(150001, seed=sum(shape), outliers=0.004)
+        for cl in (8, 13):
+            check_roundtrip(lib, [x], BOOK, cl)
+    finally:
+        lib.sz_emu_configure(4, 2, 3)
