@@ -1,0 +1,49 @@
+// SplitZip-KV CPU codec (FORMAT.md v1) over a list of contiguous memory regions. No torch dependency.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace splitzip {
+namespace cpu {
+
+// A payload is corrupted / truncated / does not fit the destination (Python: PayloadError).
+class PayloadError : public std::runtime_error {
+ public:
+  explicit PayloadError(const std::string& m) : std::runtime_error(m) {}
+};
+// The caller passed inconsistent arguments (Python: ValueError).
+class ArgumentError : public std::invalid_argument {
+ public:
+  explicit ArgumentError(const std::string& m) : std::invalid_argument(m) {}
+};
+
+struct SrcRegion {
+  const uint8_t* ptr;
+  uint64_t n_bytes;
+};
+struct DstRegion {
+  uint8_t* ptr;
+  uint64_t n_bytes;
+};
+
+// Encode the logical concatenation of `regions` (elements of wire dtype `dtype`) into `out`
+// (`out_cap >= 64 + raw bytes + 64`). `codebook` holds `n_codes` distinct exponents (nullptr / 0 => RAW).
+// Returns the payload length (64 + body_bytes).
+uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uint8_t* codebook, int n_codes,
+                int chunk_log2, uint8_t* out, uint64_t out_cap);
+
+// Decode `payload` (`payload_len` readable bytes) into `regions`. Throws PayloadError on any problem of
+// FORMAT.md §6; never writes outside the regions nor reads past payload_len.
+void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype);
+
+// SIMD level in use: 0 = portable scalar, 1 = AVX-512 (BW+VBMI+VNNI). set_simd_level clamps to what the CPU
+// supports and returns the level now in effect (tests use it to check that both paths write the same bytes).
+int simd_level();
+int set_simd_level(int level);
+int max_simd_level();
+
+}  // namespace cpu
+}  // namespace splitzip

@@ -1,0 +1,90 @@
+"""C++ CPU backend (``splitzip_vllm._C_cpu``): AVX-512 kernels with a portable scalar fallback.
+
+Importing this module never fails because the extension is missing: ``is_available()`` is then False.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..codebook import Codebook
+from ..format import PayloadError
+from . import CodecBackend, register
+
+try:
+    from ... import _C_cpu  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # extension not built
+    _C_cpu = None
+    _IMPORT_ERROR = e
+
+_MARKER = "splitzip.PayloadError: "
+
+
+def _flat(regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for r in regions:
+        if r.device.type != "cpu":
+            raise ValueError(f"the cpu codec backend needs CPU tensors, got one on {r.device}")
+        out.append(r if r.is_contiguous() else r.contiguous())
+    return out
+
+
+def _reraise(e: RuntimeError) -> None:
+    msg = str(e)
+    if msg.startswith(_MARKER):
+        raise PayloadError(msg[len(_MARKER):]) from None
+    raise e
+
+
+@register
+class CpuBackend(CodecBackend):
+    name = "cpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return _C_cpu is not None
+
+    @classmethod
+    def supports_device(cls, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    @staticmethod
+    def simd_level() -> int:
+        """0 = portable scalar kernels, 1 = AVX-512 kernels."""
+        return int(_C_cpu.simd_level()) if _C_cpu is not None else -1
+
+    def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
+                    chunk_log2: int, out: torch.Tensor) -> None:
+        self.encode_len(regions, dtype, codebook, chunk_log2, out)
+
+    def encode_len(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
+                   chunk_log2: int, out: torch.Tensor) -> int:
+        """``encode_into`` that also returns the payload length."""
+        if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError("the cpu codec backend encodes into a contiguous uint8 CPU tensor")
+        cb = bytes(codebook.exponents) if codebook is not None else None
+        n_codes = codebook.n_codes if codebook is not None else 0
+        try:
+            return int(_C_cpu.encode_into(_flat(regions), dtype, cb, n_codes, chunk_log2, out.reshape(-1)))
+        except RuntimeError as e:
+            _reraise(e)
+            raise
+
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+        if payload.device.type != "cpu":
+            raise ValueError(f"the cpu codec backend decodes CPU payloads, got one on {payload.device}")
+        if payload.dtype != torch.uint8:
+            raise PayloadError(f"a payload is a uint8 buffer, got dtype {payload.dtype}")
+        flat = payload.reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        for r in regions:
+            if not r.is_contiguous():
+                raise ValueError("decode destinations must be contiguous (the api stages non-contiguous ones)")
+        try:
+            _C_cpu.decode_into(flat, flat.numel(), _flat(regions), dtype)
+        except RuntimeError as e:
+            _reraise(e)
+            raise
