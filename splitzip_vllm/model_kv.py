@@ -14,9 +14,11 @@ from pathlib import Path
 
 def default_prompts(n: int, chars: int = 6000) -> list[str]:
     """Local text (Python standard library sources): no downloads."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    # package sources (e.g. email/, json/): disjoint from the top-level modules the tiny tokenizer trained on
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*", "*.py")))
+    files = [f for f in files if "site-packages" not in f and os.path.getsize(f) > chars]
     out = []
-    for f in files[200:200 + n]:  # disjoint from the files the tiny model's tokenizer was trained on
+    for f in files[:: max(1, len(files) // max(n, 1))][:n]:
         out.append(Path(f).read_text(errors="replace")[:chars])
     return out
 
