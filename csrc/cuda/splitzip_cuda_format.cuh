@@ -69,24 +69,8 @@ SZ_HD u128 exp4_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m) {
   return off_exp + m;
 }
 
-// Fields of 64 header bytes (format.h parse_header without its magic test, which reads the host-only
-// constexpr array kMagic and so cannot run in device code).
-SZ_HD void read_header_fields(const uint8_t* in64, Header* h) {
-  h->version = in64[kOffVersion];
-  h->dtype = in64[kOffDtype];
-  h->mode = in64[kOffMode];
-  h->code_bits = in64[kOffCodeBits];
-  h->n_codes = in64[kOffNCodes];
-  h->chunk_log2 = in64[kOffChunkLog2];
-  h->reserved = load_u16(in64 + kOffReserved);
-  h->header_crc32 = load_u32(in64 + kOffHeaderCrc);
-  for (int i = 0; i < 16; ++i) h->codebook[i] = in64[kOffCodebook + i];
-  h->n_elems = load_u64(in64 + kOffNElems);
-  h->n_escapes = load_u64(in64 + kOffNEscapes);
-  h->body_bytes = load_u64(in64 + kOffBodyBytes);
-  h->checksum_a = load_u32(in64 + kOffChecksumA);
-  h->checksum_b = load_u32(in64 + kOffChecksumB);
-}
+// Fields of 64 header bytes; the magic is checked by the caller (format.h parse_header is device-safe).
+SZ_HD void read_header_fields(const uint8_t* in64, Header* h) { (void)parse_header(in64, h); }
 
 // FORMAT.md §6 steps 1-3 for the header alone, in the order of splitzip/validate.h. `hdr64` must hold 64
 // readable bytes when available >= 64 (it is not read otherwise). Returns SZ_OK and fills *out, or the code.

@@ -48,11 +48,13 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     max_model_len: int = 4096
+    host: str = "127.0.0.1"                                  # --host and the address in ``url``
+    prefix: list[str] = field(default_factory=list)          # e.g. ["ip", "netns", "exec", "ns1"]
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -66,9 +68,10 @@ class Server:
         env.update(self.env)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--served-model-name", "tiny", "--dtype", "bfloat16", "--max-model-len", str(self.max_model_len),
-               "--enforce-eager", "--port", str(self.port), "--host", "127.0.0.1", *self.args]
+               "--enforce-eager", "--port", str(self.port), "--host", self.host, *self.args]
         if self.kv is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.kv)]
+        cmd = [*self.prefix, *cmd]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
