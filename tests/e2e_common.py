@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from splitzip_vllm.testing.cluster import REPO
+from contextlib import contextmanager
+
+from splitzip_vllm.testing.cluster import REPO, Proxy, Server, kv_config
 
 MODEL_DIR = Path(os.environ.get("SPLITZIP_TINY_MODEL", REPO / "out" / "tiny-llama"))
 LOG_ROOT = REPO / "out" / "e2e-logs"
@@ -30,6 +32,25 @@ def start_all(servers) -> None:
         for s in servers:
             s.stop()
         raise
+
+
+@contextmanager
+def pd_pair(name: str, connector: str, args: list[str], extra_p: dict | None = None,
+            extra_d: dict | None = None):
+    """A prefill (core 0) + decode (core 1) pair and a proxy in front; yields (prefill, decode, proxy)."""
+    require_e2e()
+    model = tiny_model()
+    logs = LOG_ROOT / name
+    p = Server("prefill", model, logs, kv_config(connector, "kv_producer", extra=extra_p), "0", args=args)
+    d = Server("decode", model, logs, kv_config(connector, "kv_consumer", extra=extra_d), "1", args=args)
+    start_all([p, d])
+    proxy = Proxy([p.url], [d.url], logs).start()
+    try:
+        yield p, d, proxy
+    finally:
+        proxy.stop()
+        p.stop()
+        d.stop()
 
 
 def require_e2e() -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_common import LOG_ROOT, require_e2e, start_all, tiny_model
-from splitzip_vllm.testing.cluster import Proxy, Server, complete, completion_body, kv_config, make_prompts, token_ids
+from e2e_common import pd_pair
+from splitzip_vllm.testing.cluster import complete, completion_body, make_prompts, token_ids
 
 pytestmark = pytest.mark.e2e
 LENGTHS = [37, 128, 256, 300, 1000, 2000]
@@ -12,18 +12,8 @@ LENGTHS = [37, 128, 256, 300, 1000, 2000]
 
 @pytest.fixture(scope="module")
 def nixl_pair():
-    require_e2e()
-    model = tiny_model()
-    logs = LOG_ROOT / "nixl"
-    args = ["--block-size", "128"]
-    p = Server("prefill", model, logs, kv_config("NixlConnector", "kv_producer"), "0", args=args)
-    d = Server("decode", model, logs, kv_config("NixlConnector", "kv_consumer"), "1", args=args)
-    start_all([p, d])
-    proxy = Proxy([p.url], [d.url], logs).start()
-    yield p, d, proxy
-    proxy.stop()
-    p.stop()
-    d.stop()
+    with pd_pair("nixl", "NixlConnector", ["--block-size", "128"]) as pair:
+        yield pair
 
 
 def test_nixl_connector_outputs_identical(nixl_pair):

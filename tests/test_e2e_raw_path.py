@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_common import LOG_ROOT, require_e2e, start_all, tiny_model
-from splitzip_vllm.testing.cluster import Proxy, Server, complete, completion_body, kv_config, make_prompts, token_ids
+from e2e_common import pd_pair
+from splitzip_vllm.testing.cluster import complete, completion_body, make_prompts, token_ids
 
 pytestmark = pytest.mark.e2e
 LENGTHS = [37, 300, 1000]
@@ -13,19 +13,9 @@ CONNECTOR = "SplitZipConnector"
 
 @pytest.fixture(scope="module")
 def fp16_pair():
-    require_e2e()
-    model = tiny_model()
-    logs = LOG_ROOT / "fp16"
-    args = ["--block-size", "128", "--dtype", "float16"]
-    p = Server("prefill", model, logs, kv_config(CONNECTOR, "kv_producer", extra={"compression": "always"}), "0",
-               args=args)
-    d = Server("decode", model, logs, kv_config(CONNECTOR, "kv_consumer"), "1", args=args)
-    start_all([p, d])
-    proxy = Proxy([p.url], [d.url], logs).start()
-    yield p, d, proxy
-    proxy.stop()
-    p.stop()
-    d.stop()
+    with pd_pair("fp16", CONNECTOR, ["--block-size", "128", "--dtype", "float16"],
+                 extra_p={"compression": "always"}) as pair:
+        yield pair
 
 
 def test_fp16_kv_moves_raw_and_outputs_match(fp16_pair):
