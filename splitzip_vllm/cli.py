@@ -106,8 +106,13 @@ def cmd_calibrate(args) -> int:
                 raise CliError(f"cannot read --prompts file: {e}") from None
         print(f"running {args.model} with vLLM (prefill side of SplitZipConnector) to capture its paged KV "
               f"into {dump_dir} ...", flush=True)
-        args.files = dump_model_kv(args.model, dump_dir, prompts=prompts, n_prompts=args.num_prompts,
-                                   max_model_len=args.max_model_len)
+        if not Path(args.model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise CliError(f"--model {args.model}: no such model directory (HF_HUB_OFFLINE=1, so no hub download)")
+        try:
+            args.files = dump_model_kv(args.model, dump_dir, prompts=prompts, n_prompts=args.num_prompts,
+                                       max_model_len=args.max_model_len)
+        except Exception as e:  # vLLM start-up errors are many and varied; report them in one line
+            raise CliError(f"could not run --model {args.model} with vLLM: {type(e).__name__}: {e}") from None
         if not args.files:
             raise CliError("vLLM produced no KV dumps (see its log above)")
     if not args.files:
