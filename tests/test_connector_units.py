@@ -72,3 +72,12 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     cfg = SplitZipConfig.from_extra({"kv_lease_duration": 5, "side_channel_port": 7000})
     assert cfg.resolved_side_channel(2) == (cfg.side_channel_host or "localhost", 7002) or \
         cfg.resolved_side_channel(2)[1] == 7002
+
+
+def test_auto_policy_probes_compression_while_raw():
+    p = CompressionPolicy("auto")
+    p.observe_encode(4 << 20, 3 << 20, (4 << 20) / (5 * GB))
+    p.observe_transfer(4 << 20, (4 << 20) / (25 * GB), 4 << 20, (4 << 20) / (6 * GB))  # fast link: raw
+    decisions = [p.decide() for _ in range(2 * CompressionPolicy.PROBE_EVERY)]
+    assert decisions.count(True) == 2 and decisions[CompressionPolicy.PROBE_EVERY - 1]
+    assert CompressionPolicy("never").decide() is False and CompressionPolicy("always").decide() is True

@@ -27,6 +27,8 @@ class _Ema:
 class CompressionPolicy:
     """``always``, ``never`` or ``auto`` (decide from measured encode, link and decode rates)."""
 
+    PROBE_EVERY = 32  # while "auto" sends raw, compress one request in this many to keep E and D measured
+
     def __init__(self, mode: str, expected_ratio: float = 4 / 3):
         if mode not in ("auto", "always", "never"):
             raise ValueError(f"unknown compression policy {mode!r}")
@@ -35,6 +37,7 @@ class CompressionPolicy:
         self.encode_bps = _Ema()
         self.decode_bps = _Ema()
         self.link_bps = _Ema()
+        self._raw_streak = 0
 
     def observe_encode(self, raw_bytes: int, wire_bytes: int, seconds: float) -> None:
         if seconds > 0 and wire_bytes > 0:
@@ -46,6 +49,17 @@ class CompressionPolicy:
             self.link_bps.update(wire_bytes / transfer_s)
         if decode_s > 0 and raw_bytes > 0:
             self.decode_bps.update(raw_bytes / decode_s)
+
+    def decide(self) -> bool:
+        """The decision for the next request: :meth:`should_compress`, plus a periodic probe while raw."""
+        if self.should_compress():
+            self._raw_streak = 0
+            return True
+        self._raw_streak += 1
+        if self.mode == "auto" and self._raw_streak >= self.PROBE_EVERY:
+            self._raw_streak = 0
+            return True
+        return False
 
     def should_compress(self) -> bool:
         if self.mode != "auto":

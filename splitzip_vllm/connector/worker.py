@@ -196,8 +196,6 @@ class SplitZipWorker:
             dt = time.perf_counter() - t0
             self.stats.add(num_encoded=1, encoded_raw_bytes=manifest.raw_bytes,
                            encoded_wire_bytes=manifest.wire_bytes, encode_seconds=dt)
-            if manifest.mode == "splitzip":
-                self.policy.observe_encode(manifest.raw_bytes, manifest.wire_bytes, dt)
             decision = manifest.mode == "splitzip"
             if decision != self._last_policy and self.cfg.compression == "auto":
                 logger.info("SplitZipConnector: now sending %s (%s)", "compressed" if decision else "raw",
@@ -210,7 +208,7 @@ class SplitZipWorker:
         reason = ""
         if not self.compressible:
             reason = f"dtype {self.dtype} is carried raw"
-        elif not self.policy.should_compress():
+        elif not self.policy.decide():
             reason = f"compression policy: {self.policy.describe()}"
         if not reason:
             codebook = self._codebook_for(block_ids)
@@ -223,7 +221,10 @@ class SplitZipWorker:
                 reason = f"send arena full ({e}); sending raw"
                 logger.warning("SplitZipConnector: request %s: %s", rid, reason)
             else:
+                t0 = time.perf_counter()
                 layers = self._encode_layers(block_ids, codebook, off, caps)
+                # codec rate for the policy: encode only (auto-calibration histograms are excluded)
+                self.policy.observe_encode(raw, sum(n for _, n in layers), time.perf_counter() - t0)
                 self._sends[rid] = _Send(off)
                 self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
                 return Manifest("splitzip", raw, sum(n for _, n in layers), layers)
