@@ -23,7 +23,7 @@ demo: build
 	$(PY) examples/cpu_1p1d.py
 
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 cuda-check:
 	@if command -v nvcc >/dev/null 2>&1; then bash scripts/check_cuda_compile.sh; \

@@ -360,7 +360,9 @@ class SplitZipWorker:
                 self._issue(rid, r)
             except ArenaFullError:
                 continue  # back-pressure: retry next step
-            except (TransportError, HandshakeError, IncompatiblePeerError, ValueError) as e:
+            except TransportError as e:
+                self._fail(rid, str(e), peer_lost=True)
+            except (HandshakeError, IncompatiblePeerError, ValueError) as e:
                 self._fail(rid, str(e))
 
     def _issue(self, rid: str, r: _Recv) -> None:
@@ -458,10 +460,10 @@ class SplitZipWorker:
             if state == "PROC":
                 if now - r.started > self.cfg.transfer_timeout:
                     self._fail(rid, f"KV read did not finish within {self.cfg.transfer_timeout:.0f}s "
-                                    "(prefill unreachable?)")
+                                    "(prefill unreachable?)", peer_lost=True)
                 continue
             if state != "DONE":
-                self._fail(rid, "NIXL reported a transfer error (prefill gone or unreachable)")
+                self._fail(rid, "NIXL reported a transfer error (prefill gone or unreachable)", peer_lost=True)
                 continue
             tele = self.transport.telemetry(r.handle)
             xfer_s = tele.seconds if tele else now - r.started
@@ -510,7 +512,7 @@ class SplitZipWorker:
         del self._recvs[rid]
         self._done_recving.add(rid)
 
-    def _fail(self, rid: str, why: str) -> None:
+    def _fail(self, rid: str, why: str, peer_lost: bool = False) -> None:
         r = self._recvs.pop(rid)
         logger.error("SplitZipConnector: KV load for request %s failed: %s; vLLM applies "
                      "kv_load_failure_policy (recompute or fail)", rid, why)
@@ -522,7 +524,7 @@ class SplitZipWorker:
         peer = self._peers.get(r.req.remote.engine_id)
         if peer is not None:
             self.transport.notify(peer.agent, NOTIF_DONE + r.req.remote.request_id.encode())
-            if "transfer error" in why or "did not finish" in why:
+            if peer_lost:
                 self.transport.remove_peer(peer.agent)  # re-handshake next time
                 del self._peers[r.req.remote.engine_id]
         self._done_recving.add(rid)
