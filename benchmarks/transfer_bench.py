@@ -406,6 +406,8 @@ def machine_info() -> dict:
 def orchestrate(args) -> int:
     if os.geteuid() != 0:
         raise SystemExit("transfer_bench needs root (ip netns, tc); run it with sudo")
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks (namespace cleanup)
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} (iproute2) not found")
@@ -469,17 +471,27 @@ def orchestrate(args) -> int:
         bar = tqdm(total=total, desc="transfer_bench", unit="rep", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0)
         for rate in args.rates:
+            if time.time() > deadline:
+                failed_checks.append(f"time budget --max-seconds {args.max_seconds:.0f} exceeded: stopped before "
+                                     f"{rate_label(rate)} (partial results)")
+                break
             qd = set_rate(rate)
             results.setdefault("qdiscs", {})[rate] = qd
             for size in args.sizes:
                 if time.time() > deadline:
-                    raise RuntimeError(f"time budget --max-seconds {args.max_seconds} exceeded; stopping")
+                    failed_checks.append(f"time budget --max-seconds {args.max_seconds:.0f} exceeded: stopped before "
+                                         f"{rate_label(rate)} {size // MiB} MiB (partial results)")
+                    break
                 bar.set_postfix_str(f"{rate_label(rate)} {size // MiB} MiB")
                 raw, enc, xfer, dec, tot, tel_raw, tel_sz, plen = [], [], [], [], [], [], [], None
                 verified = True
                 wire_expected = 0
                 tx0 = tx_bytes(NS_T, DEV_T)
                 for rep in range(args.warmup + args.repeat):
+                    if rep > args.warmup and time.time() > deadline:
+                        failed_checks.append(f"time budget exceeded: {rate_label(rate)} {size // MiB} MiB has only "
+                                             f"{len(raw)} repetitions")
+                        break
                     r = ini.call({"cmd": "read_raw", "size": size})
                     e = tgt.call({"cmd": "encode", "size": size})
                     s = ini.call({"cmd": "read_sz", "size": size, "payload_bytes": e["payload_bytes"]})
