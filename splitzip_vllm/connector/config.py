@@ -32,6 +32,8 @@ class SplitZipConfig:
     handshake_timeout: float = 5.0
     transfer_timeout: float = 30.0
     backends: list[str] = field(default_factory=lambda: ["UCX"])
+    progress_delay_us: int = -1            # NIXL progress thread: -1 auto (1000 for a CPU KV cache, 0 on GPU),
+                                           # 0 NIXL's busy poll, > 0 event-driven with this wake-up bound
     side_channel_host: str = ""            # default: VLLM_NIXL_SIDE_CHANNEL_HOST or localhost
     side_channel_port: int = 0             # default: VLLM_NIXL_SIDE_CHANNEL_PORT (+ data-parallel index)
 
@@ -55,9 +57,17 @@ class SplitZipConfig:
         if self.codebook != "auto" and not os.path.exists(self.codebook):
             raise ConfigError(f"codebook file {self.codebook!r} does not exist "
                               "(create one with `splitzip-vllm calibrate`, or use \"auto\")")
+        if int(self.progress_delay_us) < -1:
+            raise ConfigError("progress_delay_us must be -1 (auto), 0 (NIXL's busy poll) or a positive µs bound")
         for name in ("kv_lease_duration", "handshake_timeout", "transfer_timeout"):
             if float(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive")
+
+    def resolved_progress_delay_us(self, kv_on_cpu: bool) -> int:
+        """Auto: event-driven on CPU (a spinning thread steals a core from the model), NIXL's default on GPU."""
+        if int(self.progress_delay_us) >= 0:
+            return int(self.progress_delay_us)
+        return 1000 if kv_on_cpu else 0
 
     def resolved_side_channel(self, dp_index: int = 0) -> tuple[str, int]:
         host = self.side_channel_host or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "localhost")

@@ -136,7 +136,9 @@ class SplitZipWorker:
         self.backend = get_backend(self.cfg.codec_backend, self.device) if self.compressible else None
 
         self.transport = NixlTransport(f"splitzip-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}",
-                                       self.cfg.backends)
+                                       self.cfg.backends,
+                                       progress_delay_us=self.cfg.resolved_progress_delay_us(
+                                           self.device.type == "cpu"))
         storages = {}
         for l in self.layers:
             s = l.tensor.untyped_storage()

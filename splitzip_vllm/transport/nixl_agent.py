@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,18 +28,59 @@ def mem_type_of(t: torch.Tensor) -> str:
     return "DRAM" if t.device.type == "cpu" else "VRAM"
 
 
-class NixlTransport:
-    """One NIXL agent. Import of ``nixl`` happens here, never at package import time."""
+_AGENT_CONFIG_LOCK = threading.Lock()
 
-    def __init__(self, name: str, backends: Sequence[str] = ("UCX",), num_threads: int = 0):
+
+def _make_agent(name: str, cfg: Any, progress_delay_us: int) -> Any:
+    """Create a ``nixl_agent`` whose progress thread sleeps in ``poll()`` between events.
+
+    ``nixl._api.nixl_agent`` hard-codes ``pthrDelay = 0``: the UCX progress thread then polls its workers
+    with a zero timeout, i.e. spins at 100 % of a core even when no transfer is in flight. With a positive
+    delay the thread waits on the workers' event fds (woken by incoming data) and wakes at least every
+    ``ceil(delay / 1 ms)`` ms. The Python API exposes no setting for it, so the agent is built with a
+    config class whose ``pthrDelay`` ignores values below ``progress_delay_us``.
+    """
+    from nixl import _api
+
+    if progress_delay_us <= 0:
+        return _api.nixl_agent(name, cfg)
+    base = _api.nixlBind.nixlAgentConfig
+
+    class _DelayedProgressConfig(base):  # type: ignore[misc, valid-type]
+        @property
+        def pthrDelay(self) -> int:  # noqa: N802 - NIXL's name
+            return base.pthrDelay.__get__(self)
+
+        @pthrDelay.setter
+        def pthrDelay(self, value: int) -> None:  # noqa: N802
+            base.pthrDelay.__set__(self, max(int(value), progress_delay_us))
+
+    with _AGENT_CONFIG_LOCK:
+        _api.nixlBind.nixlAgentConfig = _DelayedProgressConfig
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            return _api.nixl_agent(name, cfg)
+        finally:
+            _api.nixlBind.nixlAgentConfig = base
+
+
+class NixlTransport:
+    """One NIXL agent. Import of ``nixl`` happens here, never at package import time.
+
+    ``progress_delay_us`` > 0 makes NIXL's progress thread event-driven instead of busy-polling (see
+    :func:`_make_agent`); 0 keeps NIXL's default.
+    """
+
+    def __init__(self, name: str, backends: Sequence[str] = ("UCX",), num_threads: int = 0,
+                 progress_delay_us: int = 0):
+        try:
+            from nixl._api import nixl_agent_config
         except ImportError as e:  # pragma: no cover - depends on install
             raise TransportError("NIXL is not installed: pip install nixl (see README)") from e
         self.name = name
         self.backends = list(backends)
+        self.progress_delay_us = int(progress_delay_us)
         cfg = nixl_agent_config(backends=self.backends, capture_telemetry=True, num_threads=num_threads)
-        self.agent = nixl_agent(name, cfg)
+        self.agent = _make_agent(name, cfg, self.progress_delay_us)
         self._registered: list[Any] = []
 
     # ---- memory -------------------------------------------------------------------------------------
