@@ -321,6 +321,75 @@ def markdown_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def plot(res: dict, out_dir: Path) -> list[Path]:
+    """``codec_ratio.png`` (ratio per method and dataset, with the entropy bound) and ``codec_gbps_vs_size.png``
+    (encode / decode GB/s against payload size, one panel per dataset and direction). CPU rows only."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in res["rows"] if r["device"] == "cpu"]
+    datasets = [d for d in res["datasets"] if any(r["dataset"] == d for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    paths = []
+    # ratio: at the largest size that is not tiled (the whole dataset as one set of payloads), per method
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(datasets) * len(methods) / 3, 4.2))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ys = []
+        for d in datasets:
+            cand = [r for r in rows if r["dataset"] == d and r["method"] == m and not r["tiled"]]
+            ys.append(max(cand, key=lambda r: r["size"])["ratio"] if cand else 0.0)
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
+        bars = ax.bar(xs, ys, width, label=m)
+        for x, y in zip(xs, ys):
+            if y:
+                ax.text(x, y + 0.01, f"{y:.3f}", ha="center", va="bottom", fontsize=6, rotation=90)
+        del bars
+    for j, d in enumerate(datasets):
+        eb = res["datasets"][d]["entropy_bound_ratio"]
+        ax.hlines(eb, j - 0.45, j + 0.45, colors="k", linestyles=":", label="exponent-entropy bound" if j == 0
+                  else None)
+    ax.axhline(4 / 3, color="grey", lw=0.8, ls="--", label="SplitZip format ceiling 4/3")
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels(datasets)
+    ax.set_ylabel("compression ratio (uncompressed / compressed)")
+    ax.set_ylim(0.9, 1.7)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.set_title("Ratio per method and dataset (largest untiled size, all payloads)", fontsize=9)
+    fig.tight_layout()
+    paths.append(out_dir / "codec_ratio.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # GB/s vs size
+    fig, axes = plt.subplots(2, len(datasets), figsize=(4.6 * len(datasets), 7.0), squeeze=False, sharex=True)
+    for col, d in enumerate(datasets):
+        for row, key in enumerate(("encode_gbps", "decode_gbps")):
+            ax = axes[row][col]
+            for m in methods:
+                pts = sorted((r["size"], r[key]) for r in rows if r["dataset"] == d and r["method"] == m)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m, ms=4)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_title(f"{d}: {key.split('_')[0]}", fontsize=9)
+            ax.set_ylabel("GB/s of uncompressed bytes (1 core)")
+            if row == 1:
+                sizes = sorted({r["size"] for r in rows})
+                ax.set_xticks(sizes)
+                ax.set_xticklabels([fmt_size(x) for x in sizes], rotation=30, fontsize=7)
+                ax.set_xlabel("payload size")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Codec throughput vs payload size, one core ({res['machine']['cpu']})", fontsize=10)
+    fig.tight_layout()
+    paths.append(out_dir / "codec_gbps_vs_size.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, fewer runs (< 1 minute)")
@@ -349,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-generate", action="store_true", help="fail instead of generating MiniLM data")
     ap.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/codec_<host>.json)")
     ap.add_argument("--markdown", type=Path, help="also write the tables as Markdown to this file")
-    ap.add_argument("--from-json", type=Path, help="print (and --markdown) a saved result instead of running")
+    ap.add_argument("--from-json", type=Path, help="print (and --markdown, plot) a saved result instead of running")
+    ap.add_argument("--plot-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                    help="where codec_ratio.png and codec_gbps_vs_size.png go")
+    ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     args.sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     args.repeat = args.repeat or (3 if args.quick else 5)
@@ -363,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(print_table(res))
         if args.markdown:
             args.markdown.write_text(markdown_table(res) + "\n")
+        if not args.no_plot:
+            print("plots:", *plot(res, args.plot_dir))
         return 0
     res = run(args)
     text = print_table(res)
@@ -375,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(res, indent=1) + "\n")
     os.replace(tmp, out)
     print(f"\nwrote {out} ({res['elapsed_s']:.0f} s)")
+    if not args.no_plot:
+        print("plots:", *plot(res, args.plot_dir))
     return 0 if all(r["verified"] for r in res["rows"]) else 1
 
 

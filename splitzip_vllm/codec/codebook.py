@@ -33,10 +33,15 @@ class Codebook:
         if len(set(ex)) != len(ex):
             raise CodebookError(f"codebook exponents must be distinct, got {list(ex)}")
         object.__setattr__(self, "exponents", ex)
+        object.__setattr__(self, "_bytes", bytes(ex))
 
     @property
     def n_codes(self) -> int:
         return len(self.exponents)
+
+    def as_bytes(self) -> bytes:
+        """The exponents as ``bytes`` (cached: the codec backends pass this to the kernels on every call)."""
+        return self._bytes  # type: ignore[attr-defined]
 
     def table16(self) -> bytes:
         """The 16-byte header field: entries, zero-padded."""
