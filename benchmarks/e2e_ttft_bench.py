@@ -367,7 +367,7 @@ def run_connector(key: str, model: str, plan: Plan, logs: Path, net: Net, points
         return
     p, d = make_pair(key, model, plan, logs)
     proxy = None
-    client = httpx.Client(timeout=httpx.Timeout(300.0, connect=30.0))
+    client = httpx.Client(timeout=httpx.Timeout(900.0, connect=30.0))
     try:
         t0 = time.monotonic()
         log(f"{key}: starting prefill ({NS_P}, {p.url}) and decode ({NS_D}, {d.url}); logs in {logs / key}")
