@@ -44,7 +44,11 @@ def _make_agent(name: str, cfg: Any, progress_delay_us: int) -> Any:
 
     if progress_delay_us <= 0:
         return _api.nixl_agent(name, cfg)
-    base = _api.nixlBind.nixlAgentConfig
+    base = getattr(getattr(_api, "nixlBind", None), "nixlAgentConfig", None)
+    if base is None or not isinstance(getattr(base, "pthrDelay", None), property):
+        logger.warning("this NIXL version does not expose nixlAgentConfig.pthrDelay as expected; its progress "
+                       "thread keeps NIXL's default (busy poll)")
+        return _api.nixl_agent(name, cfg)
 
     class _DelayedProgressConfig(base):  # type: ignore[misc, valid-type]
         @property
