@@ -16,8 +16,9 @@ Sizes run from one vLLM block of one layer (12 KiB = 16 tokens x 384 values of M
 ``S`` the dataset is cut into consecutive ``S``-byte pieces, each one payload / frame; the **ratio** is taken
 over all pieces of the dataset (so small sizes pay their per-payload headers), the **throughput** (uncompressed
 bytes / second, median of ``--repeat`` runs after warm-up) over a batch of about ``--batch-bytes`` of pieces
-(one piece when ``S`` is larger). Sizes above the dataset tile it. Every method's output is decoded and
-checked bitwise on every piece; SplitZip backends must also produce byte-identical payloads.
+taken at an even stride over the dataset (one piece when ``S`` is larger). Sizes above the dataset tile it.
+Every method's output is decoded and checked bitwise on every piece; SplitZip backends must also produce
+byte-identical payloads.
 
 The entropy bound is the ratio if every exponent byte were coded at the Shannon entropy of the dataset's
 exponent histogram and the sign+mantissa byte were kept raw: ``16 / (8 + H)``.
@@ -245,8 +246,9 @@ def run(args) -> dict:
                 verified &= same
             else:
                 ref_payloads[key] = (m.name, pl)
-        # pass 2: timing on a batch of about --batch-bytes
-        m.setup(pieces[:n_timed])
+        # pass 2: timing on a batch of about --batch-bytes, pieces spread evenly over the dataset (every layer,
+        # K and V), not just its first tensor
+        m.setup(pieces[::max(1, len(pieces) // n_timed)][:n_timed])
         r = measure(m, repeat=args.repeat, warmup=args.warmup, min_sample_s=args.min_sample_s)
         del m
         row = {"device": dev, "dataset": ds_name, "size": size, "tiled": tiled, "pieces": len(all_pieces),

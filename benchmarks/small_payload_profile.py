@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from splitzip_vllm import _C_cpu  # noqa: E402
 from splitzip_vllm.codec import calibrate, encode_capacity, get_backend  # noqa: E402
-from splitzip_vllm.codec.format import dtype_code  # noqa: E402
+from splitzip_vllm.codec.format import HEADER_BYTES, dtype_code, parse_header  # noqa: E402
 
 KiB = 1024
 
@@ -51,19 +51,29 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1]) * {"K": KiB, "M": KiB * KiB}[s[-1]]) if s[-1] in "KM" else int(s)
 
 
-def data_for(nbytes: int) -> torch.Tensor:
+def gaussian(nbytes: int):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(nbytes // 2, generator=g) * 0.5).to(torch.bfloat16)
+    x = (torch.randn(nbytes // 2, generator=g) * 0.5).to(torch.bfloat16)
+    return x, calibrate([x])[0]
 
 
-def profile(nbytes: int, calls: int) -> dict:
+def minilm(nbytes: int, data_dir: Path, tensor: str):
+    """The first ``nbytes`` of one MiniLM eval tensor, codebook from the calib split (as codec_bench does)."""
+    from splitzip_vllm.benchutil import load_bf16_tensors
+    calib = [t for _, t in load_bf16_tensors([data_dir / "calib.safetensors"])]
+    ev = dict(load_bf16_tensors([data_dir / "eval.safetensors"]))
+    name = next(k for k in ev if tensor in k)
+    return ev[name].reshape(-1)[: nbytes // 2].contiguous(), calibrate(calib)[0]
+
+
+def profile(x: torch.Tensor, cb, calls: int) -> dict:
     be = get_backend("cpu")
-    x = data_for(nbytes)
-    cb, _ = calibrate([x])
+    nbytes = x.numel() * 2
     code = dtype_code(torch.bfloat16)
     out = torch.empty(encode_capacity(x.numel(), 2), dtype=torch.uint8)
     n = be.encode_len([x], code, cb, 12, out)
     payload = out[:n].clone()
+    escapes = parse_header(payload[:HEADER_BYTES].numpy().tobytes()).n_escapes
     dst = torch.empty_like(x)
     cbb, ncodes = bytes(cb.exponents), cb.n_codes
     tiny = x[:64].clone()
@@ -72,7 +82,7 @@ def profile(nbytes: int, calls: int) -> dict:
     tiny_payload, tiny_dst = tiny_out[:tn].clone(), torch.empty_like(tiny)
     flat_out = out.reshape(-1)
     r = {
-        "bytes": nbytes,
+        "bytes": nbytes, "escapes": escapes,
         "copy_us": per_call_us(lambda: dst.copy_(x), calls),
         "encode_wrapper_us": per_call_us(lambda: be.encode_into([x], code, cb, 12, out), calls),
         "encode_binding_us": per_call_us(lambda: _C_cpu.encode_into([x], code, cbb, ncodes, 12, flat_out), calls),
@@ -93,24 +103,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["12K", "48K", "192K"])
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--data", choices=("gaussian", "minilm"), default="gaussian")
+    ap.add_argument("--tensor", default="layer0.k", help="with --data minilm: which eval tensor (name part)")
+    ap.add_argument("--data-dir", type=Path, default=ROOT / "data" / "minilm_kv")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path, help="also write the table as Markdown to this file")
     a = ap.parse_args()
     torch.set_num_threads(1)
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    rows = [profile(parse_size(s), a.calls) for s in a.sizes]
-    lines = ["| size | copy_ µs | encode µs (wrapper / binding / fixed at 64 elems / per-byte part) | "
+    rows = []
+    for size in map(parse_size, a.sizes):
+        x, cb = gaussian(size) if a.data == "gaussian" else minilm(size, a.data_dir, a.tensor)
+        rows.append(profile(x, cb, a.calls))
+    lines = ["| size | escapes | copy_ µs | encode µs (wrapper / binding / fixed at 64 elems / per-byte part) | "
              "decode µs (wrapper / binding / fixed / per-byte) | encode / decode vs copy_ |",
-             "|---:|---:|---|---|---|"]
+             "|---:|---:|---:|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['bytes'] // KiB} KiB | {r['copy_us']:.2f} | {r['encode_wrapper_us']:.2f} / "
+        lines.append(f"| {r['bytes'] // KiB} KiB | {r['escapes']} | {r['copy_us']:.2f} | {r['encode_wrapper_us']:.2f} / "
                      f"{r['encode_binding_us']:.2f} / {r['encode_fixed_us']:.2f} / {r['encode_per_byte_us']:.2f} | "
                      f"{r['decode_wrapper_us']:.2f} / {r['decode_binding_us']:.2f} / {r['decode_fixed_us']:.2f} / "
                      f"{r['decode_per_byte_us']:.2f} | {r['encode_vs_copy']:.2f}x / {r['decode_vs_copy']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.md:
-        a.md.write_text(f"One core (pinned), median µs per call of {a.calls} calls, seeded Gaussian BF16 data. "
+        what = ("seeded Gaussian BF16 data" if a.data == "gaussian" else
+                f"MiniLM eval tensor {a.tensor} (codebook from the calib split)")
+        a.md.write_text(f"One core (pinned), median µs per call of {a.calls} calls, {what}. "
                         "wrapper = `CpuBackend.encode_into`/`decode_into` (what the connector and codec_bench "
                         "call); binding = the `_C_cpu` entry point; fixed = the binding on 64 elements; per-byte = "
                         "binding - fixed.\n\n" + text)
