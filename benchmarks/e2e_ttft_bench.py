@@ -652,6 +652,39 @@ def plot(points: list[dict], rates: list[float | None], lengths: list[int], path
     plt.close(fig)
 
 
+def plot_gains(rows: list[dict], path: Path) -> None:
+    """Same-prefill gain of each SplitZip mode against the ceiling 1/(1-f+f/r), one marker per (rate, length)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    xs = [r["ceiling"] for r in rows if r.get("ceiling")]
+    if not xs:
+        plt.close(fig)
+        return
+    lo, hi = 0.95, max(max(xs), *(r.get(f"norm_gain_{m}") or 0 for r in rows for m in ("always", "auto"))) + 0.03
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="gain = ceiling")
+    ax.plot([lo, hi], [0.95 * lo, 0.95 * hi], "k:", lw=0.8, label="95 % of the ceiling (goal)")
+    for mode, style in (("always", "s"), ("auto", "^")):
+        pts = [(r["ceiling"], r[f"norm_gain_{mode}"], r) for r in rows
+               if r.get("ceiling") and r.get(f"norm_gain_{mode}")]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=style, label=f"SplitZip {mode}", zorder=3)
+        for x, y, r in pts:
+            if mode == "always":
+                ax.annotate(f"{rate_label(r['rate_gbit']).replace(' Gbit/s', 'G')}/{r['length']}", (x, y),
+                            fontsize=6, xytext=(4, -8), textcoords="offset points")
+    ax.set_xlabel("ceiling 1/(1-f+f/r)  (f from NixlConnector, r measured)")
+    ax.set_ylabel("same-prefill TTFT gain over NixlConnector")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0.85, hi)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Measured gain vs its ceiling (label: link / input tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -788,6 +821,7 @@ def main() -> int:
         t1, t2 = tables(d["points"], rows)
         print("\n" + t1 + "\n\n" + t2 + "\n", flush=True)
         plot(d["points"], pl["rates_gbit"], pl["lengths"], Path(a.out) / "ttft_vs_link.png")
+        plot_gains(rows, Path(a.out) / "gain_vs_ceiling.png")
         if a.draft:
             write_draft(Path(a.draft), d["meta"], t1, t2, d["skipped"], d["links_gbit"], d["points"])
         return 0
@@ -900,6 +934,7 @@ def main() -> int:
                                     "skipped": plan.skipped}, indent=1))
     if points:
         plot(points, rates, lengths, out / "ttft_vs_link.png")
+        plot_gains(rows, out / "gain_vs_ceiling.png")
     if a.draft:
         write_draft(Path(a.draft), meta, t1, t2, plan.skipped, links, points)
     log(f"wrote {res_path}, {out / 'ttft_vs_link.png'}, {a.draft} ({meta['wall_s'] / 60:.1f} min)")
