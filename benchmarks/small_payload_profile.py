@@ -66,6 +66,14 @@ def minilm(nbytes: int, data_dir: Path, tensor: str):
     return ev[name].reshape(-1)[: nbytes // 2].contiguous(), calibrate(calib)[0]
 
 
+def synthetic(nbytes: int):
+    """The first ``nbytes`` of codec_bench's synthetic set (outlier channels; codebook from an independent draw)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from codec_bench import synthetic_dataset
+    _, data, cb, _, _ = synthetic_dataset()
+    return data[: nbytes // 2].contiguous(), cb
+
+
 def profile(x: torch.Tensor, cb, calls: int) -> dict:
     be = get_backend("cpu")
     nbytes = x.numel() * 2
@@ -103,7 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["12K", "48K", "192K"])
     ap.add_argument("--calls", type=int, default=2000)
-    ap.add_argument("--data", choices=("gaussian", "minilm"), default="gaussian")
+    ap.add_argument("--data", choices=("gaussian", "minilm", "synthetic"), default="gaussian")
     ap.add_argument("--tensor", default="layer0.k", help="with --data minilm: which eval tensor (name part)")
     ap.add_argument("--data-dir", type=Path, default=ROOT / "data" / "minilm_kv")
     ap.add_argument("--json", type=Path)
@@ -113,7 +121,12 @@ def main() -> int:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     rows = []
     for size in map(parse_size, a.sizes):
-        x, cb = gaussian(size) if a.data == "gaussian" else minilm(size, a.data_dir, a.tensor)
+        if a.data == "gaussian":
+            x, cb = gaussian(size)
+        elif a.data == "synthetic":
+            x, cb = synthetic(size)
+        else:
+            x, cb = minilm(size, a.data_dir, a.tensor)
         rows.append(profile(x, cb, a.calls))
     lines = ["| size | escapes | copy_ µs | encode µs (wrapper / binding / fixed at 64 elems / per-byte part) | "
              "decode µs (wrapper / binding / fixed / per-byte) | encode / decode vs copy_ |",
@@ -126,8 +139,9 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.md:
-        what = ("seeded Gaussian BF16 data" if a.data == "gaussian" else
-                f"MiniLM eval tensor {a.tensor} (codebook from the calib split)")
+        what = {"gaussian": "seeded Gaussian BF16 data",
+                "synthetic": "codec_bench's synthetic set (codebook from an independent draw)",
+                "minilm": f"MiniLM eval tensor {a.tensor} (codebook from the calib split)"}[a.data]
         a.md.write_text(f"One core (pinned), median µs per call of {a.calls} calls, {what}. "
                         "wrapper = `CpuBackend.encode_into`/`decode_into` (what the connector and codec_bench "
                         "call); binding = the `_C_cpu` entry point; fixed = the binding on 64 elements; per-byte = "
