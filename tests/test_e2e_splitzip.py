@@ -82,6 +82,14 @@ def test_outputs_identical_and_kv_received(cluster):
     assert wire <= 0.8 * raw, f"wire {wire} vs raw {raw}"
 
 
+def test_connector_info_lines_reach_the_server_logs(cluster):
+    """With vLLM's default logging (no VLLM_LOGGING_CONFIG_PATH) the connector's INFO lines are shown."""
+    p_log = cluster["p"].log_path.read_text(errors="replace")
+    d_log = cluster["d"].log_path.read_text(errors="replace")
+    assert "SplitZipConnector worker tp0:" in p_log
+    assert "SplitZipConnector: connected to prefill engine" in d_log
+
+
 def test_streaming_through_proxy(cluster):
     proxy, prompt, ref = cluster["proxy"], cluster["prompts"][3], cluster["refs"][3]
     body = dict(completion_body(prompt), stream=True)

@@ -1,6 +1,7 @@
 """SplitZipConnector: the vLLM ``KVConnectorBase_V1`` facade over the scheduler and worker halves."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,23 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
+def share_vllm_logging(name: str = "splitzip_vllm") -> bool:
+    """Send this package's log records through vLLM's handlers and level.
+
+    vLLM's default logging config only configures the ``vllm`` logger, so without this the connector's INFO lines
+    (codebook, policy decisions, peers) would be dropped. A config that already gives ``splitzip_vllm`` handlers
+    (``VLLM_LOGGING_CONFIG_PATH``) is left alone. Returns whether handlers were attached.
+    """
+    ours, theirs = logging.getLogger(name), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return False
+    for h in theirs.handlers:
+        ours.addHandler(h)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+    return True
+
+
 class SplitZipConnector(KVConnectorBase_V1):
     """Prefill/decode KV transfer with lossless SplitZip compression over NIXL (pull mode).
 
@@ -31,6 +49,7 @@ class SplitZipConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        share_vllm_logging()
         ktc = vllm_config.kv_transfer_config
         self.cfg = SplitZipConfig.from_extra(ktc.kv_connector_extra_config)
         self.engine_id = str(ktc.engine_id)
