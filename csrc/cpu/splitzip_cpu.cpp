@@ -416,70 +416,60 @@ Kernels kernels() {
 // ---------------------------------------------------------------------------------------------------------------
 // Region cursors: hand out the next `bytes` of the logical concatenation, directly or via a staging buffer
 // ---------------------------------------------------------------------------------------------------------------
-struct SrcCursor {
-  const SrcRegion* r;
+template <class Region>
+struct RegionCursor {
+  using Ptr = decltype(Region::ptr);
+  const Region* r;
   size_t nr;
   size_t idx = 0;
   uint64_t off = 0;
 
-  SrcCursor(const SrcRegion* regions, size_t n) : r(regions), nr(n) {}
+  RegionCursor(const Region* regions, size_t n) : r(regions), nr(n) {}
   void skip_empty() {
     while (idx < nr && off >= r[idx].n_bytes) {
       ++idx;
       off = 0;
     }
   }
-  const uint8_t* next(uint64_t bytes, uint8_t* staging) {
+  // Pointer to the next `bytes` if they lie in one region (cursor advances), else nullptr.
+  Ptr direct(uint64_t bytes) {
     skip_empty();
     if (idx < nr && r[idx].n_bytes - off >= bytes) {
-      const uint8_t* p = r[idx].ptr + off;
-      off += bytes;
-      return p;
-    }
-    uint64_t got = 0;
-    while (got < bytes) {
-      skip_empty();
-      const uint64_t take = std::min(bytes - got, r[idx].n_bytes - off);
-      std::memcpy(staging + got, r[idx].ptr + off, take);
-      got += take;
-      off += take;
-    }
-    return staging;
-  }
-};
-
-struct DstCursor {
-  const DstRegion* r;
-  size_t nr;
-  size_t idx = 0;
-  uint64_t off = 0;
-
-  DstCursor(const DstRegion* regions, size_t n) : r(regions), nr(n) {}
-  void skip_empty() {
-    while (idx < nr && off >= r[idx].n_bytes) {
-      ++idx;
-      off = 0;
-    }
-  }
-  // Direct pointer if the next `bytes` lie in one region (cursor advances), else nullptr (call scatter()).
-  uint8_t* direct(uint64_t bytes) {
-    skip_empty();
-    if (idx < nr && r[idx].n_bytes - off >= bytes) {
-      uint8_t* p = r[idx].ptr + off;
+      Ptr p = r[idx].ptr + off;
       off += bytes;
       return p;
     }
     return nullptr;
   }
-  void scatter(const uint8_t* staging, uint64_t bytes) {
-    uint64_t put = 0;
-    while (put < bytes) {
+  // Advance over the next `bytes`, calling fn(region pointer, offset within the `bytes`, length) per piece.
+  template <class Fn>
+  void walk(uint64_t bytes, Fn&& fn) {
+    uint64_t done = 0;
+    while (done < bytes) {
       skip_empty();
-      const uint64_t take = std::min(bytes - put, r[idx].n_bytes - off);
-      std::memcpy(r[idx].ptr + off, staging + put, take);
-      put += take;
+      const uint64_t take = std::min(bytes - done, r[idx].n_bytes - off);
+      fn(r[idx].ptr + off, done, take);
+      done += take;
       off += take;
     }
+  }
+};
+
+struct SrcCursor : RegionCursor<SrcRegion> {
+  using RegionCursor::RegionCursor;
+  // The next `bytes` of the source: in place when they lie in one region, else gathered into `staging`.
+  const uint8_t* next(uint64_t bytes, uint8_t* staging) {
+    if (const uint8_t* p = direct(bytes)) return p;
+    walk(bytes, [&](const uint8_t* src, uint64_t at, uint64_t n) { std::memcpy(staging + at, src, n); });
+    return staging;
+  }
+};
+
+struct DstCursor : RegionCursor<DstRegion> {
+  using RegionCursor::RegionCursor;
+  // Use direct() first; when it returns nullptr, decode into a staging buffer and scatter() it.
+  void scatter(const uint8_t* staging, uint64_t bytes) {
+    walk(bytes, [&](uint8_t* dst, uint64_t at, uint64_t n) { std::memcpy(dst, staging + at, n); });
   }
 };
 
