@@ -111,6 +111,19 @@ def realistic_bf16(n: int, seed: int = 0, scale: float = 0.05, outlier_rate: flo
     return x.to(BF16)
 
 
+def channel_kv_bf16(n: int, seed: int, outliers: float = 0.002, device: str | torch.device = "cpu") -> torch.Tensor:
+    """KV-like data with log-normal per-channel scales (128 channels) and rare huge outliers (escapes)."""
+    g = torch.Generator().manual_seed(seed)
+    ch = 128
+    rows = (n + ch - 1) // ch
+    scale = torch.exp(torch.randn(1, ch, generator=g) * 0.7) * 0.05
+    x = torch.randn(rows, ch, generator=g) * scale
+    if outliers:
+        m = torch.rand(rows, ch, generator=g) < outliers
+        x = torch.where(m, x * 3000.0 + 1e-30, x)
+    return x.reshape(-1)[:n].to(BF16).contiguous().to(device)
+
+
 def random_bits(n: int, seed: int = 0, dtype: torch.dtype = BF16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     size = torch.empty(0, dtype=dtype).element_size()
@@ -205,6 +218,10 @@ class Canary:
         outside = self.raw[mask]
         bad = (outside != self.fill).nonzero().reshape(-1)
         assert bad.numel() == 0, f"decoder wrote {bad.numel()} bytes outside its destination"
+
+    def untouched(self) -> bool:
+        """Nothing written at all, regions included (a decode refused before writing)."""
+        return bool((self.raw == self.fill).all())
 
     def data(self) -> torch.Tensor:
         return torch.cat([r.reshape(-1).cpu() for r in self.regions]) if self.regions else self.buf[:0].cpu()

@@ -10,9 +10,12 @@ The same checks run without a GPU on the CPU emulation of the kernels in tests/t
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from _codec_util import channel_kv_bf16
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends.cuda_backend import CudaBackend, _IMPORT_ERROR
 from splitzip_vllm.codec.codebook import Codebook
@@ -28,18 +31,7 @@ DEV = torch.device("cuda")
 BF16 = 1
 BOOK = Codebook((122, 121, 123, 120, 124, 119, 125, 118, 117, 126, 116, 115, 127, 114, 113, 112))
 BE = CudaBackend()
-
-
-def kv_like(n: int, seed: int, outliers: float = 0.002, device=DEV) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    ch = 128
-    rows = (n + ch - 1) // ch
-    scale = torch.exp(torch.randn(1, ch, generator=g) * 0.7) * 0.05
-    x = torch.randn(rows, ch, generator=g) * scale
-    if outliers:
-        m = torch.rand(rows, ch, generator=g) < outliers
-        x = torch.where(m, x * 3000.0 + 1e-30, x)
-    return x.reshape(-1)[:n].to(torch.bfloat16).contiguous().to(device)
+kv_like = functools.partial(channel_kv_bf16, device=DEV)
 
 
 def cuda_encode(regions, dtype, codebook, chunk_log2) -> torch.Tensor:

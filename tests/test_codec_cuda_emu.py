@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _codec_util import channel_kv_bf16 as kv_like
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends.cuda_backend import status_error_message
 from splitzip_vllm.codec.codebook import Codebook
@@ -131,18 +132,6 @@ def emu_decode(so, payload: torch.Tensor, regions, dtype, payload_len=None, forc
     assert bool((ws[wsb:] == 0x5A).all()), "decode wrote past its workspace"
     s = [int(v) & 0xFFFFFFFF for v in st.tolist()]
     return s[0], s[1] | (s[2] << 32)
-
-
-def kv_like(n: int, seed: int, outliers: float = 0.002) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    ch = 128
-    rows = (n + ch - 1) // ch
-    scale = torch.exp(torch.randn(1, ch, generator=g) * 0.7) * 0.05
-    x = torch.randn(rows, ch, generator=g) * scale
-    if outliers:
-        m = torch.rand(rows, ch, generator=g) < outliers
-        x = torch.where(m, x * 3000.0 + 1e-30, x)
-    return x.reshape(-1)[:n].to(torch.bfloat16).contiguous()
 
 
 def check_roundtrip(so, regions, codebook=BOOK, chunk_log2=12, dtype=BF16, force_prefix=False):

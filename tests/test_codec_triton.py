@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _codec_util import Canary, bits, top_codebook
 from splitzip_vllm.codec import Codebook, PayloadError, available_backends, decode, encode, get_backend
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends import triton_backend as TB
@@ -88,11 +89,6 @@ def _be():
     return get_backend("triton", "cpu")
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
 def kv_like(n: int, seed: int, outliers: float = 0.01) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g) * 0.05
@@ -101,13 +97,6 @@ def kv_like(n: int, seed: int, outliers: float = 0.01) -> torch.Tensor:
         x[torch.randint(0, n, (k,), generator=g)] = torch.randn(k, generator=g) * 500.0
         x[torch.randint(0, n, (max(1, k // 4),), generator=g)] = 0.0
     return x.to(BF16)
-
-
-def top_codebook(x: torch.Tensor, k: int = 16) -> Codebook:
-    e = (bits(x).to(torch.int32) >> 7) & 0xFF
-    counts = torch.bincount(e, minlength=256)
-    order = sorted(range(256), key=lambda v: (-int(counts[v]), v))
-    return Codebook(tuple([v for v in order[:k] if counts[v] > 0] or [order[0]]))
 
 
 def with_filler(patterns: torch.Tensor, cb: Codebook, n_filler: int, seed: int = 0) -> torch.Tensor:
@@ -145,41 +134,10 @@ def assert_same_payload(regions, cb, cl2: int, dtype=None) -> torch.Tensor:
     return want
 
 
-class Canary:
-    """Destination regions inside one canary-filled buffer, with canary gaps around and between them."""
-
-    PAD = 37
-
-    def __init__(self, sizes, dtype=BF16, fill=0x5A):
-        self.esz = torch.empty(0, dtype=dtype).element_size()
-        total = sum(sizes) + self.PAD * (len(sizes) + 1)
-        self.raw = torch.full((total * self.esz,), fill, dtype=torch.uint8)
-        self.fill = fill
-        buf = self.raw.view(dtype)
-        self.regions, self.spans = [], []
-        off = self.PAD
-        for s in sizes:
-            self.regions.append(buf[off:off + s])
-            self.spans.append((off * self.esz, (off + s) * self.esz))
-            off += s + self.PAD
-
-    def outside_untouched(self) -> bool:
-        mask = torch.ones(self.raw.numel(), dtype=torch.bool)
-        for a, b in self.spans:
-            mask[a:b] = False
-        return bool((self.raw[mask] == self.fill).all())
-
-    def untouched(self) -> bool:
-        return bool((self.raw == self.fill).all())
-
-    def data(self) -> torch.Tensor:
-        return torch.cat([r.reshape(-1) for r in self.regions])
-
-
 def decode_into_canary(payload: torch.Tensor, sizes, dtype=BF16) -> Canary:
     can = Canary(sizes, dtype)
     _be().decode_into(payload, can.regions, dtype_code(dtype))
-    assert can.outside_untouched()
+    can.check()
     return can
 
 
@@ -451,10 +409,10 @@ CORRUPTIONS = ["sm", "code", "esc_exp", "esc_pos_moved", "raw_body", "checksum_f
 def test_corrupted_payloads(kind, gpu_tiles):
     payload, match, no_write = _case(kind)
     for sizes in ([1000, 0, 1, 1999],) if no_write else ([N_C], [1000, 0, 1, 1999]):
-        can = Canary(sizes)
+        can = Canary(sizes, BF16)
         with pytest.raises(PayloadError, match=match):
             _be().decode_into(payload, can.regions, 1)
-        assert can.outside_untouched(), "decoder wrote outside its destination"
+        can.check()
         if no_write:
             assert can.untouched(), "decoder wrote although validation failed before decoding"
 
