@@ -356,13 +356,16 @@ def repin_workers(server: Server, core: int) -> int:
 def run_connector(key: str, model: str, plan: Plan, logs: Path, net: Net, points: list[dict],
                   pbar=None) -> None:
     mode = CONNECTORS[key][1]
+
+    def skip(rate: float | None, length: int) -> None:
+        plan.skipped.append({"connector": key, "rate_gbit": rate, "length": length, "why": "time budget exhausted"})
+        if pbar:
+            pbar.update(1)
+
     if time.monotonic() + plan.startup_s + 20 > plan.deadline:
         for length in plan.lengths:
             for rate in rates_for(plan, length):
-                plan.skipped.append({"connector": key, "rate_gbit": rate, "length": length,
-                                     "why": "time budget exhausted"})
-                if pbar:
-                    pbar.update(1)
+                skip(rate, length)
         log(f"{key}: SKIPPED (time budget)")
         return
     p, d = make_pair(key, model, plan, logs)
@@ -390,28 +393,23 @@ def run_connector(key: str, model: str, plan: Plan, logs: Path, net: Net, points
         if plan.repin:  # threads created by the first handshake / transfers
             plan.repinned[key] += [repin_workers(p, 0), repin_workers(d, 1)]
         for ri, rate in enumerate(plan.rates):
+            lengths = [L for L in plan.lengths if rate in rates_for(plan, L)]
+            if not lengths:
+                continue
             net.set_rate(rate)
             if time.monotonic() > plan.deadline:
-                for length in [L for L in plan.lengths if rate in rates_for(plan, L)]:
-                    plan.skipped.append({"connector": key, "rate_gbit": rate, "length": length,
-                                         "why": "time budget exhausted"})
-                    if pbar:
-                        pbar.update(1)
+                for length in lengths:
+                    skip(rate, length)
                 log(f"{key} {rate_label(rate)}: SKIPPED (time budget)")
                 continue
             # settle the link estimate of "auto" at this rate (EMA, alpha 0.3), and the TCP state
             nwarm = 4 if mode == "auto" else 1
-            if not any(rate in rates_for(plan, L) for L in plan.lengths):
-                continue
             for pr in prompts_for(warm_len, nwarm, f"warmup-{ri}"):
                 stream_request(client, proxy.url, pr, plan.max_tokens)
-            for length in [L for L in plan.lengths if rate in rates_for(plan, L)]:
+            for length in lengths:
                 if time.monotonic() > plan.deadline:
-                    plan.skipped.append({"connector": key, "rate_gbit": rate, "length": length,
-                                         "why": "time budget exhausted"})
+                    skip(rate, length)
                     log(f"{key} {rate_label(rate)} L={length}: SKIPPED (time budget)")
-                    if pbar:
-                        pbar.update(1)
                     continue
                 points.append(measure_point(key, rate, length, plan, client, proxy, p, d))
                 if pbar:
