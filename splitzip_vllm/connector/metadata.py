@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorHandshakeMetadata,
                                                                KVConnectorMetadata,
                                                                KVConnectorWorkerMetadata)
@@ -43,27 +45,30 @@ class SplitZipConnectorMetadata(KVConnectorMetadata):
     heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
 
 
-@dataclass
-class Manifest:
-    """What one prefill TP rank published for one request.
+class Manifest(msgspec.Struct, kw_only=True):
+    """What one prefill TP rank published for one request (travels in ``kv_transfer_params`` as a dict).
 
-    ``mode`` is ``"splitzip"`` (per-layer payloads in the send arena: ``layers[i] = (address, length)``) or
-    ``"direct"`` (raw pages read straight from the prefill KV cache).
+    ``mode`` is ``"splitzip"`` (per-layer payloads in the send arena: ``layers[i] = (address, length)``, each
+    header carrying the transfer tag derived from ``nonce``, see binding.py) or ``"direct"`` (raw pages read
+    straight from the prefill KV cache, then ``ticket = (address, value)`` read to prove they were not freed).
     """
     mode: str
     raw_bytes: int
     wire_bytes: int
-    layers: list[tuple[int, int]] = field(default_factory=list)
+    layers: list[tuple[int, int]] = []
     reason: str = ""
+    nonce: int = 0
+    ticket: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "raw_bytes": self.raw_bytes, "wire_bytes": self.wire_bytes,
-                "layers": [list(x) for x in self.layers], "reason": self.reason}
+        return msgspec.to_builtins(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Manifest":
-        return Manifest(str(d["mode"]), int(d["raw_bytes"]), int(d["wire_bytes"]),
-                        [(int(a), int(n)) for a, n in d.get("layers", [])], str(d.get("reason", "")))
+        try:
+            return msgspec.convert(d, Manifest, strict=False)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"malformed KV manifest in kv_transfer_params: {e}") from None
 
 
 @dataclass

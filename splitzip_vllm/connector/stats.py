@@ -24,7 +24,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "num_arena_fallbacks": ("splitzip_arena_fallbacks", "Requests sent uncompressed because the arena was full"),
     "num_failed_transfers": ("splitzip_failed_transfers",
                              "KV loads that failed (peer gone, timeout, corrupted payload, handshake)"),
+    "num_rejected": ("splitzip_rejected_transfers",
+                     "KV loads rejected by verification (payload of another transfer, revoked raw-KV ticket, "
+                     "corrupted payload); included in failed transfers"),
     "num_expired": ("splitzip_expired_requests", "Prefill requests freed by lease expiry without a read"),
+    "num_freed": ("splitzip_freed_requests", "Prefill requests whose KV was released (read, expired or aborted)"),
     "arena_alloc_bytes": ("splitzip_arena_alloc_bytes", "Send-arena bytes reserved for published payloads"),
     "arena_free_bytes": ("splitzip_arena_free_bytes", "Send-arena bytes released (read, expired or aborted)"),
 }
@@ -79,6 +83,7 @@ class SplitZipStats(KVConnectorStats):
             })
         out.update({"Num direct": int(d.get("num_direct", 0)),
                     "Num failed transfers": int(d.get("num_failed_transfers", 0)),
+                    "Num rejected transfers": int(d.get("num_rejected", 0)),
                     "Num KV expired reqs": int(d.get("num_expired", 0))})
         return out
 

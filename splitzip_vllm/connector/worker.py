@@ -17,6 +17,7 @@ from ..codec.format import HEADER_BYTES, VERSION as FORMAT_VERSION, dtype_code, 
 from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
 from ..transport.nixl_agent import NixlTransport, TransportError, mem_type_of
 from ..transport.side_channel import HandshakeError, fetch_handshake
+from .binding import TicketTable, TicketTableFullError, new_nonce, transfer_tag
 from .config import PROTOCOL_VERSION, SplitZipConfig
 from .policy import CompressionPolicy
 from .metadata import (NOTIF_DONE, NOTIF_HB, NOTIF_RATE, Manifest, RecvRequest, RemoteInfo, SplitZipConnectorMetadata,
@@ -27,6 +28,8 @@ logger = logging.getLogger("splitzip_vllm.connector")
 
 FAULT_ENV = "SPLITZIP_FAULT_INJECT"   # test hook: "corrupt_payload" flips one body byte before decode
 _PEER_RETRY_S = 10.0
+SEND_TICKET_SLOTS = 1 << 16     # prefill: raw requests published at once (512 KiB of host memory)
+RECV_TICKET_SLOTS = 1 << 12     # decode: raw loads in flight at once
 
 
 class IncompatiblePeerError(RuntimeError):
@@ -61,6 +64,7 @@ class _Peer:
 @dataclass
 class _Send:
     offset: int | None            # arena extent (None for direct sends)
+    ticket_slot: int | None = None  # direct sends: slot of the ticket decode checks after its data READ
     deadline: float | None = None  # set once the scheduler has finished the request
     read: bool = False
 
@@ -74,6 +78,9 @@ class _Recv:
     manifest: Manifest | None = None
     local_ranges: list[tuple[int, int]] = field(default_factory=list)
     decode_s: float = 0.0
+    ticket_slot: int | None = None  # direct loads: landing slot of the ticket READ
+    checking_ticket: bool = False   # direct loads: the data READ is done, ``handle`` is the ticket READ
+    xfer_s: float = 0.0
 
 
 class SplitZipWorker:
@@ -145,6 +152,10 @@ class SplitZipWorker:
             storages[s.data_ptr()] = s.nbytes()
         self.transport.register(list(storages.items()), self.mem_type, self.device_id)
 
+        self.tickets: TicketTable | None = None
+        if self.is_producer or self.is_consumer:
+            self.tickets = TicketTable(SEND_TICKET_SLOTS if self.is_producer else RECV_TICKET_SLOTS)
+            self.transport.register([(self.tickets.address(0), self.tickets.buffer.nbytes)], "DRAM", 0)
         self.arena = self.arena_alloc = None
         if self.is_producer:
             size = int(self.cfg.arena_bytes) or max(kv_bytes // 4, 16 << 20)
@@ -224,25 +235,35 @@ class SplitZipWorker:
                 logger.warning("SplitZipConnector: request %s: %s", rid, reason)
             else:
                 t0 = time.perf_counter()
-                layers = self._encode_layers(block_ids, codebook, off, caps)
+                nonce = new_nonce()
+                tags = [transfer_tag(self.engine_id, rid, self.tp_rank, i, nonce) for i in range(len(self.layers))]
+                layers = self._encode_layers(block_ids, codebook, off, caps, tags)
                 # codec rate for the policy: encode only (auto-calibration histograms are excluded)
                 self.policy.observe_encode(raw, sum(n for _, n in layers), time.perf_counter() - t0)
                 self._sends[rid] = _Send(off)
                 self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
-                return Manifest("splitzip", raw, sum(n for _, n in layers), layers)
-        self._sends[rid] = _Send(None)
+                return Manifest(mode="splitzip", raw_bytes=raw, wire_bytes=sum(n for _, n in layers),
+                                layers=layers, nonce=nonce)
         self.stats.add(num_direct=1)
-        return Manifest("direct", raw, raw, reason=reason)
+        try:
+            slot, value = self.tickets.issue()
+        except TicketTableFullError as e:
+            self._sends[rid] = _Send(None)
+            return Manifest(mode="direct", raw_bytes=raw, wire_bytes=raw, reason=f"{reason}; no ticket: {e}")
+        self._sends[rid] = _Send(None, ticket_slot=slot)
+        return Manifest(mode="direct", raw_bytes=raw, wire_bytes=raw, reason=reason,
+                        ticket=(self.tickets.address(slot), value))
 
     def _encode_layers(self, block_ids: list[int], codebook: Codebook | None, off: int,
-                       caps: list[int]) -> list[tuple[int, int]]:
+                       caps: list[int], tags: list[int]) -> list[tuple[int, int]]:
         code = dtype_code(self.dtype)
         base = self.arena.data_ptr()
         pack = self.device.type == "cpu"  # CPU: pack payloads back to back; GPU: fixed slots, one sync
         cursor, slots = off, []
-        for layer, cap in zip(self.layers, caps):
+        for layer, cap, tag in zip(self.layers, caps, tags):
             out = self.arena[cursor:cursor + cap]
-            self.backend.encode_into([layer.page(b) for b in block_ids], code, codebook, self.cfg.chunk_log2, out)
+            self.backend.encode_into([layer.page(b) for b in block_ids], code, codebook, self.cfg.chunk_log2, out,
+                                     tag=tag)
             if pack:
                 n = parse_header(out[:HEADER_BYTES].numpy().tobytes()).payload_bytes
                 slots.append((cursor, n))
@@ -286,10 +307,16 @@ class SplitZipWorker:
         self._dumped += 1
 
     def _drop_send(self, rid: str) -> None:
+        """Unpublish a request. The ticket is zeroed here, before the caller reports the request finished
+        (only then does vLLM reuse its blocks): a decode whose ticket READ still sees the value read intact KV."""
         send = self._sends.pop(rid, None)
-        if send is not None and send.offset is not None:
-            self.stats.add(arena_free_bytes=self.arena_alloc.size_of(send.offset))
-            self.arena_alloc.free(send.offset)
+        if send is not None:
+            if send.ticket_slot is not None:
+                self.tickets.revoke(send.ticket_slot)
+            if send.offset is not None:
+                self.stats.add(arena_free_bytes=self.arena_alloc.size_of(send.offset))
+                self.arena_alloc.free(send.offset)
+            self.stats.add(num_freed=1)
         self._finished.discard(rid)
 
     def worker_meta(self) -> SplitZipWorkerMetadata | None:
@@ -360,7 +387,7 @@ class SplitZipWorker:
                 continue
             try:
                 self._issue(rid, r)
-            except ArenaFullError:
+            except (ArenaFullError, TicketTableFullError):
                 continue  # back-pressure: retry next step
             except TransportError as e:
                 self._fail(rid, str(e), peer_lost=True)
@@ -382,6 +409,8 @@ class SplitZipWorker:
                              f"{r.req.skip_blocks} cached + {len(r.req.local_block_ids)} to fill")
         notif = NOTIF_DONE + remote.request_id.encode()
         if m.mode == "direct":
+            if m.ticket is None:
+                raise ValueError(f"prefill published raw KV without a validity ticket ({m.reason})")
             rem, loc = [], []
             for li, l in enumerate(self.layers):
                 rbase, rstride = peer.info["layer_bases"][li], peer.info["block_strides"][li]
@@ -393,7 +422,9 @@ class SplitZipWorker:
                 self.transport.notify(peer.agent, notif)
                 self._complete(rid, r, 0.0)
                 return
-            r.handle = self.transport.read(peer.agent, loc, self.mem_type, rem, peer.info["mem_type"], notif,
+            r.ticket_slot = self.tickets.take()
+            # no notification yet: prefill must keep the blocks (and the ticket) until the ticket READ is done
+            r.handle = self.transport.read(peer.agent, loc, self.mem_type, rem, peer.info["mem_type"], b"",
                                            self.device_id, peer.info["device_id"])
             return
         if m.mode != "splitzip" or len(m.layers) != len(self.layers):
@@ -468,15 +499,36 @@ class SplitZipWorker:
                 self._fail(rid, "NIXL reported a transfer error (prefill gone or unreachable)", peer_lost=True)
                 continue
             tele = self.transport.telemetry(r.handle)
-            xfer_s = tele.seconds if tele else now - r.started
+            r.xfer_s += tele.seconds if tele else now - r.started
             self.transport.release(r.handle)
             r.handle = None
             try:
-                self._decode(r)
+                if self._verify(rid, r):
+                    self._complete(rid, r, r.xfer_s)
             except PayloadError as e:
-                self._fail(rid, f"received KV payload rejected: {e}")
-                continue
-            self._complete(rid, r, xfer_s)
+                self._fail(rid, f"received KV payload rejected: {e}", rejected=True)
+            except TransportError as e:
+                self._fail(rid, str(e), peer_lost=True)
+
+    def _verify(self, rid: str, r: _Recv) -> bool:
+        """True once the load is verified; False while a direct load still waits for its ticket READ."""
+        m = r.manifest
+        if m is None or m.mode != "direct":
+            self._decode(r)
+            return True
+        if not r.checking_ticket:  # data landed: now prove prefill had not freed the blocks meanwhile
+            peer = self._peers[r.req.remote.engine_id]
+            r.checking_ticket = True
+            r.handle = self.transport.read(peer.agent, [(self.tickets.address(r.ticket_slot), 8)], "DRAM",
+                                           [(m.ticket[0], 8)], "DRAM",
+                                           NOTIF_DONE + r.req.remote.request_id.encode())
+            return False
+        seen = self.tickets.value(r.ticket_slot)
+        if seen != m.ticket[1]:
+            raise PayloadError(f"the raw KV blocks were freed or reused by prefill before or while they were read "
+                               f"(ticket {m.ticket[1]:#x}, now {seen:#x}): a read after the prefill's lease "
+                               f"(kv_lease_duration) expired?")
+        return True
 
     def _decode(self, r: _Recv) -> None:
         m = r.manifest
@@ -496,7 +548,10 @@ class SplitZipWorker:
                 payload[HEADER_BYTES + (n - HEADER_BYTES) // 2] ^= 0x5A
             regions = ([scratch[i] for i in range(r.req.skip_blocks)] if scratch is not None else [])
             regions += [layer.page(b) for b in r.req.local_block_ids]
-            self.backend.decode_into(payload, regions, code) if self.backend else _raw_into(payload, regions)
+            if self.backend is None:
+                raise PayloadError("no codec backend available for this KV cache dtype")
+            tag = transfer_tag(r.req.remote.engine_id, r.req.remote.request_id, self.tp_rank, li, m.nonce)
+            self.backend.decode_into(payload, regions, code, tag=tag)
         r.decode_s = time.perf_counter() - t0
         self.stats.add(decode_seconds=r.decode_s)
 
@@ -511,18 +566,21 @@ class SplitZipWorker:
             dec_s = r.decode_s if m is not None and m.mode == "splitzip" else 0.0
             self.transport.notify(peer.agent, NOTIF_RATE + f"{wire},{xfer_s:.9f},{raw},{dec_s:.9f}".encode())
         self._release_extent(r)
+        self._release_ticket(r)
         del self._recvs[rid]
         self._done_recving.add(rid)
 
-    def _fail(self, rid: str, why: str, peer_lost: bool = False) -> None:
+    def _fail(self, rid: str, why: str, peer_lost: bool = False, rejected: bool = False) -> None:
         r = self._recvs.pop(rid)
         logger.error("SplitZipConnector: KV load for request %s failed: %s; vLLM applies "
                      "kv_load_failure_policy (recompute or fail)", rid, why)
-        self.stats.add(num_failed_transfers=1)
+        self.stats.add(num_failed_transfers=1, num_rejected=int(rejected))
         if r.handle is not None and not self.transport.release(r.handle):
-            self._zombie_handles.append((r.handle, r.extent))  # DMA may still land in the buffer
+            # DMA may still land in the buffer or the ticket slot: both stay reserved until NIXL lets go
+            self._zombie_handles.append((r.handle, r.extent, r.ticket_slot))
         else:
             self._release_extent(r)
+            self._release_ticket(r)
         peer = self._peers.get(r.req.remote.engine_id)
         if peer is not None:
             self.transport.notify(peer.agent, NOTIF_DONE + r.req.remote.request_id.encode())
@@ -537,14 +595,21 @@ class SplitZipWorker:
             self.recv_alloc.free(r.extent)
             r.extent = None
 
+    def _release_ticket(self, r: _Recv) -> None:
+        if r.ticket_slot is not None:
+            self.tickets.put(r.ticket_slot)
+            r.ticket_slot = None
+
     def _reap_zombies(self) -> None:
         keep = []
-        for handle, extent in self._zombie_handles:
+        for handle, extent, slot in self._zombie_handles:
             if self.transport.poll(handle) != "PROC" and self.transport.release(handle):
                 if extent is not None:
                     self.recv_alloc.free(extent)
+                if slot is not None:
+                    self.tickets.put(slot)
             else:
-                keep.append((handle, extent))
+                keep.append((handle, extent, slot))
         self._zombie_handles = keep
 
     # ---- every step -----------------------------------------------------------------------------------
@@ -569,6 +634,3 @@ class SplitZipWorker:
                 self.transport.remove_peer(p.agent)
             self.transport.close()
 
-
-def _raw_into(payload: torch.Tensor, regions: list[torch.Tensor]) -> None:  # pragma: no cover - safety net
-    raise PayloadError("no codec backend available for this KV cache dtype")
