@@ -87,3 +87,46 @@ def test_auto_policy_probes_compression_while_raw():
     decisions = [p.decide() for _ in range(2 * CompressionPolicy.PROBE_EVERY)]
     assert decisions.count(True) == 2 and decisions[CompressionPolicy.PROBE_EVERY - 1]
     assert CompressionPolicy("never").decide() is False and CompressionPolicy("always").decide() is True
+
+
+def test_settings_with_bad_values_name_the_setting_and_the_expected_type():
+    for extra, expect in (({"arena_bytes": "lots"}, "arena_bytes: expected `int`, got `str`"),
+                          ({"arena_bytes": -1}, "arena_bytes: expected `int` >= 0"),
+                          ({"kv_lease_duration": "ten"}, "kv_lease_duration: expected `float`, got `str`"),
+                          ({"kv_lease_duration": 0}, "kv_lease_duration: expected `float` > 0.0"),
+                          ({"chunk_log2": 16}, "chunk_log2: expected `int` <= 15"),
+                          ({"recv_buffer_bytes": True}, "recv_buffer_bytes: expected `int`, got `bool`"),
+                          ({"backends": "UCX"}, "backends: expected `array`, got `str`")):
+        with pytest.raises(ConfigError) as e:
+            SplitZipConfig.from_extra(extra)
+        assert expect in str(e.value), (extra, str(e.value))
+    assert SplitZipConfig.from_extra({"kv_lease_duration": 10}).kv_lease_duration == 10.0  # ints are seconds too
+
+
+def test_transfer_tags_differ_by_engine_request_rank_payload_and_allocation():
+    from splitzip_vllm.connector.binding import new_nonce, transfer_tag
+    base = ("engine-a", "req-1", 0, 3, 12345)
+    tags = {transfer_tag(*base)}
+    for i, other in enumerate(("engine-b", "req-2", 1, 4, 12346)):
+        args = list(base)
+        args[i] = other
+        tags.add(transfer_tag(*args))
+    assert len(tags) == 6 and 0 not in tags
+    assert transfer_tag(*base) == transfer_tag(*base)           # decode derives the same value
+    nonces = {new_nonce() for _ in range(1000)}
+    assert len(nonces) == 1000 and all(0 < n < 2**52 for n in nonces)  # JSON-safe, never "unbound"
+
+
+def test_ticket_table_revoke_zeroes_before_reuse():
+    from splitzip_vllm.connector.binding import TicketTable, TicketTableFullError
+    t = TicketTable(2)
+    s1, v1 = t.issue()
+    s2, v2 = t.issue()
+    assert {s1, s2} == {0, 1} and t.value(s1) == v1 and t.value(s2) == v2 and v1 != v2
+    assert t.address(s2) - t.address(s1) == 8 * (s2 - s1)
+    with pytest.raises(TicketTableFullError):
+        t.issue()
+    t.revoke(s1)
+    assert t.value(s1) == 0 and t.in_use == 1      # a late ticket READ of s1 now sees 0
+    s3, v3 = t.issue()
+    assert s3 == s1 and v3 != v1                   # the reused slot holds a new value
