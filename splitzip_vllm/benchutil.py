@@ -191,7 +191,7 @@ class Method:
 
 class SplitZipMethod(Method):
     """A SplitZip codec backend, called at the backend level with preallocated buffers (the connector's hot
-    path; the public :func:`encode` adds an allocation and a 64-byte header read per call)."""
+    path; the public :func:`encode` adds an allocation and a 96-byte header read per call)."""
 
     def __init__(self, backend: str, codebook: Codebook | None, chunk_log2: int = 12):
         super().__init__(name=f"splitzip-{backend}", kind="splitzip")

@@ -64,7 +64,7 @@ std::vector<uint8_t> codebook_bytes(const py::object& obj, int64_t n_codes) {
 }
 
 int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, const py::object& codebook,
-                    int64_t n_codes, int64_t chunk_log2, at::Tensor out) {
+                    int64_t n_codes, int64_t chunk_log2, at::Tensor out, uint64_t tag) {
   std::vector<sz::cpu::SrcRegion> src;
   src.reserve(regions.size());
   for (size_t i = 0; i < regions.size(); ++i) {
@@ -80,7 +80,7 @@ int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, 
   try {
     py::gil_scoped_release nogil;
     len = sz::cpu::encode(src.data(), src.size(), int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
-                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()));
+                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag);
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
   } catch (const sz::cpu::PayloadError& e) {
@@ -90,7 +90,7 @@ int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, 
 }
 
 void decode_into(const at::Tensor& payload, int64_t payload_len, const std::vector<at::Tensor>& regions,
-                 int64_t dtype_code) {
+                 int64_t dtype_code, uint64_t tag) {
   check_cpu_contig(payload, "payload", 0);
   if (payload.scalar_type() != at::kByte) value_error("the payload must be a uint8 tensor");
   if (payload_len < 0 || payload_len > payload.numel())
@@ -106,7 +106,7 @@ void decode_into(const at::Tensor& payload, int64_t payload_len, const std::vect
   }
   try {
     py::gil_scoped_release nogil;
-    sz::cpu::decode(payload.data_ptr<uint8_t>(), uint64_t(payload_len), dst.data(), dst.size(), int(dtype_code));
+    sz::cpu::decode(payload.data_ptr<uint8_t>(), uint64_t(payload_len), dst.data(), dst.size(), int(dtype_code), tag);
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
   } catch (const sz::cpu::PayloadError& e) {
@@ -119,6 +119,11 @@ py::dict format_constants() {
   d["MAGIC"] = py::bytes(reinterpret_cast<const char*>(sz::kMagic), 4);
   d["VERSION"] = sz::kVersion;
   d["HEADER_BYTES"] = sz::kHeaderBytes;
+  d["VERSION_V1"] = sz::kVersionV1;
+  d["HEADER_BYTES_V1"] = sz::kHeaderBytesV1;
+  d["EXT_BYTES"] = sz::kExtBytes;
+  d["OFF_TRANSFER_TAG"] = sz::kOffTransferTag;
+  d["OFF_EXT"] = sz::kOffExt;
   d["CAPACITY_SLACK"] = sz::kCapacitySlack;
   d["MODE_RAW"] = sz::kModeRaw;
   d["MODE_EXP4"] = sz::kModeExp4;
@@ -141,8 +146,11 @@ py::dict format_constants() {
 
 // Header helpers exposed for the consistency tests (pack/CRC/layout computed by format.h).
 py::bytes pack_header(int dtype, int mode, int code_bits, int n_codes, int chunk_log2, py::bytes codebook,
-                      uint64_t n_elems, uint64_t n_escapes, uint64_t body_bytes, uint32_t ca, uint32_t cb) {
+                      uint64_t n_elems, uint64_t n_escapes, uint64_t body_bytes, uint32_t ca, uint32_t cb,
+                      uint64_t tag, int version) {
   sz::Header h;
+  h.version = uint8_t(version);
+  h.transfer_tag = tag;
   h.dtype = uint8_t(dtype);
   h.mode = uint8_t(mode);
   h.code_bits = uint8_t(code_bits);
@@ -155,9 +163,9 @@ py::bytes pack_header(int dtype, int mode, int code_bits, int n_codes, int chunk
   h.body_bytes = body_bytes;
   h.checksum_a = ca;
   h.checksum_b = cb;
-  uint8_t out[64];
-  sz::pack_header(h, out);
-  return py::bytes(reinterpret_cast<const char*>(out), 64);
+  uint8_t out[sz::kHeaderBytes];
+  const int len = sz::pack_header(h, out);
+  return py::bytes(reinterpret_cast<const char*>(out), size_t(len));
 }
 
 py::tuple exp4_layout(uint64_t n, int chunk_log2, uint64_t m) {
@@ -173,15 +181,21 @@ uint32_t crc32_bytes(py::bytes data) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "SplitZip-KV CPU codec (FORMAT.md v1)";
+  m.doc() = "SplitZip-KV CPU codec (FORMAT.md v2; decodes v1 too)";
   m.attr("PAYLOAD_ERROR_MARKER") = kPayloadMarker;
   m.def("encode_into", &encode_into, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
-        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"),
-        "Encode the concatenation of `regions` into `out`; returns the payload length.");
+        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0,
+        "Encode the concatenation of `regions` into `out`, bound to transfer `tag` (u64); returns the payload "
+        "length.");
   m.def("decode_into", &decode_into, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
-        py::arg("dtype_code"), "Decode the first `payload_len` bytes of `payload` into `regions`.");
+        py::arg("dtype_code"), py::arg("tag") = 0,
+        "Decode the first `payload_len` bytes of `payload` into `regions`; the payload's transfer tag must be "
+        "`tag`.");
   m.def("format_constants", &format_constants, "Constants of csrc/include/splitzip/format.h.");
-  m.def("pack_header", &pack_header, "format.h pack_header (tests).");
+  m.def("pack_header", &pack_header, py::arg("dtype"), py::arg("mode"), py::arg("code_bits"), py::arg("n_codes"),
+        py::arg("chunk_log2"), py::arg("codebook"), py::arg("n_elems"), py::arg("n_escapes"), py::arg("body_bytes"),
+        py::arg("checksum_a"), py::arg("checksum_b"), py::arg("tag") = 0, py::arg("version") = sz::kVersion,
+        "format.h pack_header (tests): 96 bytes, or 64 for version 1.");
   m.def("exp4_layout", &exp4_layout, "format.h Exp4Layout::compute -> (n_chunks, off_codes, off_counts, off_pos, off_exp, body_bytes).");
   m.def("crc32", &crc32_bytes, "format.h crc32 (tests).");
   m.def("simd_level", &sz::cpu::simd_level, "0 = scalar, 1 = AVX-512 kernels in use.");

@@ -488,8 +488,9 @@ Scratch& scratch() {
 std::string dtype_list() { return "0 (uint8), 1 (bfloat16), 2 (float16), 3 (float32), 4 (float8_e4m3fn), 5 (float8_e5m2)"; }
 
 void write_header(uint8_t* out, int dtype, int mode, int n_codes, int chunk_log2, const uint8_t* cb16, uint64_t n,
-                  uint64_t m, uint64_t body_bytes, uint32_t ca, uint32_t cbsum) {
+                  uint64_t m, uint64_t body_bytes, uint32_t ca, uint32_t cbsum, uint64_t tag) {
   Header h;
+  h.transfer_tag = tag;
   h.dtype = uint8_t(dtype);
   h.mode = uint8_t(mode);
   h.code_bits = mode == kModeExp4 ? kCodeBits : 0;
@@ -505,7 +506,7 @@ void write_header(uint8_t* out, int dtype, int mode, int n_codes, int chunk_log2
 }
 
 uint64_t encode_raw(const SrcRegion* regions, size_t nr, int dtype, uint64_t n, uint64_t raw_bytes, uint8_t* out,
-                    const Kernels& k) {
+                    uint64_t tag, const Kernels& k) {
   uint8_t* body = out + kHeaderBytes;
   Checksum cs;
   uint64_t off = 0;
@@ -516,13 +517,13 @@ uint64_t encode_raw(const SrcRegion* regions, size_t nr, int dtype, uint64_t n, 
     cs.add_block(off, a, b);
     off += regions[i].n_bytes;
   }
-  write_header(out, dtype, kModeRaw, 0, 0, nullptr, n, 0, raw_bytes, cs.a, cs.b);
+  write_header(out, dtype, kModeRaw, 0, 0, nullptr, n, 0, raw_bytes, cs.a, cs.b, tag);
   return kHeaderBytes + raw_bytes;
 }
 
 // Returns the payload length, or 0 when the EXP4 body would not be smaller than the raw bytes.
 uint64_t encode_exp4(const SrcRegion* regions, size_t nr, uint64_t n, const uint8_t* cb16, int n_codes,
-                     int chunk_log2, uint8_t* out, const Kernels& k) {
+                     int chunk_log2, uint8_t* out, uint64_t tag, const Kernels& k) {
   const uint64_t raw_bytes = 2 * n;
   const Exp4Layout lay0 = Exp4Layout::compute(n, chunk_log2, 0);
   if (lay0.body_bytes >= raw_bytes) return 0;
@@ -566,7 +567,7 @@ uint64_t encode_exp4(const SrcRegion* regions, size_t nr, uint64_t n, const uint
   const uint64_t pos_end = lay.off_pos + 2 * m;
   std::memset(body + pos_end, 0, lay.off_exp - pos_end);
   if (m) std::memcpy(body + lay.off_exp, sc.all_exp.data(), m);
-  write_header(out, kDtypeBFloat16, kModeExp4, n_codes, chunk_log2, cb16, n, m, lay.body_bytes, cs.a, cs.b);
+  write_header(out, kDtypeBFloat16, kModeExp4, n_codes, chunk_log2, cb16, n, m, lay.body_bytes, cs.a, cs.b, tag);
   return kHeaderBytes + lay.body_bytes;
 }
 
@@ -593,7 +594,7 @@ int set_simd_level(int level) {
 }
 
 uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uint8_t* codebook, int n_codes,
-                int chunk_log2, uint8_t* out, uint64_t out_cap) {
+                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag) {
   if (!dtype_known(dtype))
     throw ArgumentError("unknown dtype code " + std::to_string(dtype) + "; known codes: " + dtype_list());
   const int esize = dtype_elem_size(dtype);
@@ -627,18 +628,16 @@ uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uin
   }
   const Kernels k = kernels();
   if (use_codebook && dtype_exp4_allowed(dtype) && n > 0) {
-    const uint64_t len = encode_exp4(regions, n_regions, n, cb16, n_codes, chunk_log2, out, k);
+    const uint64_t len = encode_exp4(regions, n_regions, n, cb16, n_codes, chunk_log2, out, tag, k);
     if (len) return len;
   }
-  return encode_raw(regions, n_regions, dtype, n, raw_bytes, out, k);
+  return encode_raw(regions, n_regions, dtype, n, raw_bytes, out, tag, k);
 }
 
-void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype) {
-  if (payload_len < uint64_t(kHeaderBytes))
-    throw PayloadError("payload truncated: " + std::to_string(payload_len) + " bytes, the header alone needs " +
-                       std::to_string(kHeaderBytes));
+void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype,
+            uint64_t expected_tag) {
   Header h;
-  const std::string err = validate_header(payload, payload_len, &h);
+  const std::string err = validate_header(payload, payload_len, expected_tag, &h);
   if (!err.empty()) throw PayloadError(err);
   if (!dtype_known(dtype))
     throw ArgumentError("unknown destination dtype code " + std::to_string(dtype) + "; known codes: " + dtype_list());
@@ -658,7 +657,7 @@ void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regio
     throw PayloadError("payload holds " + std::to_string(h.n_elems) + " elements but the destination has " +
                        std::to_string(dst_n));
   const Kernels k = kernels();
-  const uint8_t* body = payload + kHeaderBytes;
+  const uint8_t* body = payload + header_bytes_of(h.version);
   const uint64_t n = h.n_elems;
   Checksum cs;
   if (h.mode == kModeRaw) {

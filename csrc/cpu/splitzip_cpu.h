@@ -1,4 +1,4 @@
-// SplitZip-KV CPU codec (FORMAT.md v1) over a list of contiguous memory regions. No torch dependency.
+// SplitZip-KV CPU codec (FORMAT.md v2; decodes v1 too) over a list of contiguous memory regions. No torch dependency.
 #pragma once
 
 #include <cstddef>
@@ -30,14 +30,17 @@ struct DstRegion {
 };
 
 // Encode the logical concatenation of `regions` (elements of wire dtype `dtype`) into `out`
-// (`out_cap >= 64 + raw bytes + 64`). `codebook` holds `n_codes` distinct exponents (nullptr / 0 => RAW).
-// Returns the payload length (64 + body_bytes).
+// (`out_cap >= encode_capacity = 96 + raw bytes + 64`) as a format-v2 payload bound to transfer `tag`
+// (FORMAT.md §6a; 0 = unbound). `codebook` holds `n_codes` distinct exponents (nullptr / 0 => RAW).
+// Returns the payload length (96 + body_bytes).
 uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uint8_t* codebook, int n_codes,
-                int chunk_log2, uint8_t* out, uint64_t out_cap);
+                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag = 0);
 
-// Decode `payload` (`payload_len` readable bytes) into `regions`. Throws PayloadError on any problem of
-// FORMAT.md §6; never writes outside the regions nor reads past payload_len.
-void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype);
+// Decode `payload` (`payload_len` readable bytes, format v1 or v2) into `regions`. Throws PayloadError on any
+// problem of FORMAT.md §6, including a transfer tag other than `expected_tag` (checked, like every header
+// problem, before anything is written); never writes outside the regions nor reads past payload_len.
+void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype,
+            uint64_t expected_tag = 0);
 
 // SIMD level in use: 0 = portable scalar, 1 = AVX-512 (BW+VBMI+VNNI). set_simd_level clamps to what the CPU
 // supports and returns the level now in effect (tests use it to check that both paths write the same bytes).

@@ -9,7 +9,7 @@ import torch
 from .backends import BackendUnavailableError, CodecBackend, backend_classes
 from .codebook import Codebook
 from .format import (DEFAULT_CHUNK_LOG2, HEADER_BYTES, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2, PayloadError,
-                     dtype_code, dtype_from_code, element_size, encode_capacity, parse_header)
+                     check_tag, dtype_code, dtype_from_code, element_size, encode_capacity, parse_header)
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -61,11 +61,13 @@ def _as_regions(data: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
 
 def encode(data: torch.Tensor | Sequence[torch.Tensor], codebook: Codebook | None = None, *,
            chunk_log2: int = DEFAULT_CHUNK_LOG2, backend: str = "auto",
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, tag: int = 0) -> torch.Tensor:
     """Encode a tensor (or the concatenation of several) into a payload; returns the exact-length bytes.
 
     Non-contiguous inputs are copied first. ``codebook=None`` or a non-bfloat16 dtype gives a RAW payload.
+    ``tag`` binds the payload to a transfer (u64, FORMAT.md §6a); decoding it needs the same tag.
     """
+    check_tag(tag)
     if not MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2:
         raise ValueError(f"chunk_log2 must be in {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}, got {chunk_log2}")
     regions = _as_regions(data)
@@ -80,23 +82,25 @@ def encode(data: torch.Tensor | Sequence[torch.Tensor], codebook: Codebook | Non
         out = torch.empty(cap, dtype=torch.uint8, device=device)
     elif out.numel() < cap or out.dtype != torch.uint8:
         raise ValueError(f"output buffer must be uint8 with at least {cap} bytes")
-    get_backend(backend, device).encode_into(regions, code, codebook, chunk_log2, out)
+    get_backend(backend, device).encode_into(regions, code, codebook, chunk_log2, out, tag)
     length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
     return out[:length]
 
 
 def decode(payload: torch.Tensor | bytes, out: torch.Tensor | Sequence[torch.Tensor] | None = None, *,
-           backend: str = "auto", device: torch.device | str | None = None) -> torch.Tensor:
+           backend: str = "auto", device: torch.device | str | None = None, tag: int = 0) -> torch.Tensor:
     """Decode a payload into ``out`` (tensor or regions) or into a new flat tensor; returns it.
 
-    Raises :class:`PayloadError` for any corrupted, truncated or mismatched payload.
+    Raises :class:`PayloadError` for any corrupted, truncated or mismatched payload, and for a payload of
+    another transfer (its transfer tag is not ``tag``; FORMAT.md §6a) before writing anything.
     """
+    check_tag(tag)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         payload = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     if payload.dtype != torch.uint8:
         raise PayloadError(f"a payload is a uint8 buffer, got dtype {payload.dtype}")
     payload = payload.reshape(-1)
-    hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel())
+    hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel(), tag)
     if out is None:
         dev = torch.device(device) if device is not None else payload.device
         result: torch.Tensor | list[torch.Tensor] = torch.empty(hdr.n_elems, dtype=dtype_from_code(hdr.dtype),
@@ -112,7 +116,7 @@ def decode(payload: torch.Tensor | bytes, out: torch.Tensor | Sequence[torch.Ten
     dev = regions[0].device
     if payload.device != dev:
         payload = payload.to(dev)
-    get_backend(backend, dev).decode_into(payload, [s for _, s in staged], code)
+    get_backend(backend, dev).decode_into(payload, [s for _, s in staged], code, tag)
     for r, s in staged:
         if s is not r:
             r.copy_(s)

@@ -10,7 +10,7 @@ import torch
 
 from .codebook import Codebook
 from .format import (CODE_BITS, HEADER_BYTES, MODE_EXP4, MODE_RAW, Exp4Layout, Header, PayloadError,
-                     element_size, exp4_allowed, parse_header)
+                     check_tag, element_size, exp4_allowed, parse_header)
 
 _MOD = 1 << 32
 _CHECKSUM_STEP = 1 << 22
@@ -36,8 +36,10 @@ def _flat_bytes(regions: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def encode(regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-           chunk_log2: int) -> torch.Tensor:
-    """Encode the logical concatenation of ``regions`` (all of wire dtype ``dtype``) to a payload."""
+           chunk_log2: int, tag: int = 0) -> torch.Tensor:
+    """Encode the logical concatenation of ``regions`` (all of wire dtype ``dtype``) to a payload bound to
+    transfer ``tag`` (FORMAT.md §6a)."""
+    check_tag(tag)
     raw = _flat_bytes(regions)
     esize = element_size(dtype)
     n = raw.numel() // esize
@@ -69,18 +71,19 @@ def encode(regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | Non
             body[lay.off_pos:lay.off_pos + 2 * m] = _u16_bytes(pos)
             body[lay.off_exp:lay.off_exp + m] = e[esc_idx].to(torch.uint8)
             hdr = Header(dtype, MODE_EXP4, CODE_BITS, codebook.n_codes, chunk_log2, codebook.table16(), n, m,
-                         lay.body_bytes, ca, cb)
+                         lay.body_bytes, ca, cb, transfer_tag=tag)
             return torch.cat([_header_tensor(hdr, device), body])
-    hdr = Header(dtype, MODE_RAW, 0, 0, 0, bytes(16), n, 0, raw.numel(), ca, cb)
+    hdr = Header(dtype, MODE_RAW, 0, 0, 0, bytes(16), n, 0, raw.numel(), ca, cb, transfer_tag=tag)
     return torch.cat([_header_tensor(hdr, device), raw])
 
 
-def decode(payload: torch.Tensor, dtype: int, n_elems: int) -> torch.Tensor:
-    """Decode a payload to a flat uint8 tensor of the original bytes; validates everything (FORMAT.md §6)."""
+def decode(payload: torch.Tensor, dtype: int, n_elems: int, tag: int = 0) -> torch.Tensor:
+    """Decode a payload of transfer ``tag`` to a flat uint8 tensor of the original bytes; validates everything
+    (FORMAT.md §6)."""
     payload = payload.reshape(-1)
-    hdr = parse_header(payload[:64].cpu().numpy().tobytes(), payload.numel())
+    hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel(), check_tag(tag))
     check_destination(hdr, dtype, n_elems)
-    body = payload[HEADER_BYTES:HEADER_BYTES + hdr.body_bytes]
+    body = payload[hdr.header_bytes:hdr.header_bytes + hdr.body_bytes]
     if hdr.mode == MODE_RAW:
         out = body.clone()
     else:

@@ -1,4 +1,4 @@
-// SplitZip-KV wire format v1 -- the single C++/CUDA twin of docs/FORMAT.md and
+// SplitZip-KV wire format v2 (reads v1 too) -- the single C++/CUDA twin of docs/FORMAT.md and
 // splitzip_vllm/codec/format.py (tests/test_format_constants.py keeps them in sync).
 //
 // Everything in this header is usable from host C++ and from CUDA device code: only <cstdint>/<cstddef>,
@@ -19,8 +19,11 @@ namespace splitzip {
 // ---- constants (FORMAT.md §1-§5) ---------------------------------------------------------------------------
 constexpr uint8_t kMagic[4] = {0x53, 0x5A, 0x4B, 0x56};  // "SZKV" (host code; device code uses kMagicU32)
 constexpr uint32_t kMagicU32 = 0x564B5A53u;               // the 4 magic bytes read as little-endian u32
-constexpr int kVersion = 1;
-constexpr int kHeaderBytes = 64;
+constexpr int kVersion = 2;          // what encoders write
+constexpr int kVersionV1 = 1;        // still read: 64-byte header, implicit transfer tag 0 (FORMAT.md §6a, §8)
+constexpr int kHeaderBytes = 96;     // header of a version-2 payload (what encoders write)
+constexpr int kHeaderBytesV1 = 64;   // header of a version-1 payload
+constexpr int kExtBytes = 24;        // the zero `ext` area (version 2)
 constexpr int kCapacitySlack = 64;
 constexpr int kModeRaw = 0;
 constexpr int kModeExp4 = 1;
@@ -56,6 +59,8 @@ constexpr int kOffNEscapes = 40;
 constexpr int kOffBodyBytes = 48;
 constexpr int kOffChecksumA = 56;
 constexpr int kOffChecksumB = 60;
+constexpr int kOffTransferTag = 64;  // version 2 only
+constexpr int kOffExt = 72;          // version 2 only
 
 // element size of a dtype code, 0 for an unknown code
 SZ_HD int dtype_elem_size(int code) {
@@ -69,6 +74,10 @@ SZ_HD int dtype_elem_size(int code) {
     default: return 0;
   }
 }
+// header length of a payload of `version` (1 or 2), 0 for an unknown version
+SZ_HD int header_bytes_of(int version) {
+  return version == kVersion ? kHeaderBytes : version == kVersionV1 ? kHeaderBytesV1 : 0;
+}
 SZ_HD bool dtype_known(int code) { return code >= 0 && code < kNumDtypes; }
 SZ_HD bool dtype_exp4_allowed(int code) { return code == kDtypeBFloat16; }
 
@@ -78,8 +87,9 @@ SZ_HD uint64_t encode_capacity(uint64_t n_elems, uint64_t elem_size) {
 }
 
 // ---- header --------------------------------------------------------------------------------------------------
-// In-memory form of the 64-byte header. Use pack()/parse() for the wire bytes (explicit little-endian,
-// independent of struct layout); the packed struct mirrors the wire layout on little-endian hosts.
+// In-memory form of the header (96 bytes in version 2; version 1 is its first 64 bytes, without tag and ext).
+// Use pack_header()/parse_header() for the wire bytes (explicit little-endian, independent of struct layout); the
+// packed struct mirrors the version-2 wire layout on little-endian hosts.
 #pragma pack(push, 1)
 struct HeaderWire {
   uint8_t magic[4];
@@ -97,9 +107,11 @@ struct HeaderWire {
   uint64_t body_bytes;
   uint32_t checksum_a;
   uint32_t checksum_b;
+  uint64_t transfer_tag;
+  uint8_t ext[kExtBytes];
 };
 #pragma pack(pop)
-static_assert(sizeof(HeaderWire) == kHeaderBytes, "header must be 64 bytes");
+static_assert(sizeof(HeaderWire) == kHeaderBytes, "header must be 96 bytes");
 
 struct Header {
   uint8_t version = kVersion;
@@ -116,6 +128,8 @@ struct Header {
   uint64_t body_bytes = 0;
   uint32_t checksum_a = 0;
   uint32_t checksum_b = 0;
+  uint64_t transfer_tag = 0;  // version 1: 0 (implicit)
+  uint8_t ext[kExtBytes] = {0};
 };
 
 SZ_HD void store_u16(uint8_t* p, uint16_t v) { p[0] = uint8_t(v); p[1] = uint8_t(v >> 8); }
@@ -138,7 +152,7 @@ SZ_HD uint64_t load_u64(const uint8_t* p) {
 }
 
 // ---- CRC-32 (zlib / IEEE 802.3, reflected polynomial 0xEDB88320) ------------------------------------------------
-// Bitwise (no table) so it works unchanged on host and device; it only ever runs over 64 header bytes.
+// Bitwise (no table) so it works unchanged on host and device; it only ever runs over a header (<= 96 bytes).
 // crc32_update(0, ...) == zlib.crc32(...); chain calls with the previous result.
 SZ_HD uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t len) {
   crc = ~crc;
@@ -150,51 +164,67 @@ SZ_HD uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t len) {
 }
 SZ_HD uint32_t crc32(const uint8_t* data, size_t len) { return crc32_update(0u, data, len); }
 
-// CRC of 64 header bytes with the CRC field (bytes 12..15) taken as zero.
-SZ_HD uint32_t header_crc(const uint8_t* hdr64) {
+// CRC of the `header_bytes` header bytes at hdr (64 or 96) with the CRC field (bytes 12..15) taken as zero.
+SZ_HD uint32_t header_crc(const uint8_t* hdr, int header_bytes) {
   const uint8_t zero4[4] = {0, 0, 0, 0};
-  uint32_t c = crc32_update(0u, hdr64, kOffHeaderCrc);
+  uint32_t c = crc32_update(0u, hdr, kOffHeaderCrc);
   c = crc32_update(c, zero4, 4);
-  return crc32_update(c, hdr64 + kOffHeaderCrc + 4, kHeaderBytes - kOffHeaderCrc - 4);
+  return crc32_update(c, hdr + kOffHeaderCrc + 4, size_t(header_bytes - kOffHeaderCrc - 4));
 }
 
-// Write the 64 wire bytes of h (magic, fields, zero padding, header CRC computed here).
-SZ_HD void pack_header(const Header& h, uint8_t* out64) {
-  for (int i = 0; i < 4; ++i) out64[kOffMagic + i] = uint8_t(kMagicU32 >> (8 * i));
-  out64[kOffVersion] = h.version;
-  out64[kOffDtype] = h.dtype;
-  out64[kOffMode] = h.mode;
-  out64[kOffCodeBits] = h.code_bits;
-  out64[kOffNCodes] = h.n_codes;
-  out64[kOffChunkLog2] = h.chunk_log2;
-  store_u16(out64 + kOffReserved, h.reserved);
-  store_u32(out64 + kOffHeaderCrc, 0u);
-  for (int i = 0; i < 16; ++i) out64[kOffCodebook + i] = h.codebook[i];
-  store_u64(out64 + kOffNElems, h.n_elems);
-  store_u64(out64 + kOffNEscapes, h.n_escapes);
-  store_u64(out64 + kOffBodyBytes, h.body_bytes);
-  store_u32(out64 + kOffChecksumA, h.checksum_a);
-  store_u32(out64 + kOffChecksumB, h.checksum_b);
-  store_u32(out64 + kOffHeaderCrc, header_crc(out64));
+// Header length pack_header writes for h.version: 64 for version 1, else 96 (encoders write version 2).
+SZ_HD int packed_header_bytes(int version) { return version == kVersionV1 ? kHeaderBytesV1 : kHeaderBytes; }
+
+// Write the wire bytes of h (magic, fields as given -- encoders leave version/reserved/ext at their defaults --,
+// for a 96-byte header also the transfer tag and ext; header CRC computed here). Returns the bytes written,
+// packed_header_bytes(h.version); tests pack version-1 and invalid headers with it.
+SZ_HD int pack_header(const Header& h, uint8_t* out) {
+  const int hb = packed_header_bytes(h.version);
+  for (int i = 0; i < 4; ++i) out[kOffMagic + i] = uint8_t(kMagicU32 >> (8 * i));
+  out[kOffVersion] = h.version;
+  out[kOffDtype] = h.dtype;
+  out[kOffMode] = h.mode;
+  out[kOffCodeBits] = h.code_bits;
+  out[kOffNCodes] = h.n_codes;
+  out[kOffChunkLog2] = h.chunk_log2;
+  store_u16(out + kOffReserved, h.reserved);
+  store_u32(out + kOffHeaderCrc, 0u);
+  for (int i = 0; i < 16; ++i) out[kOffCodebook + i] = h.codebook[i];
+  store_u64(out + kOffNElems, h.n_elems);
+  store_u64(out + kOffNEscapes, h.n_escapes);
+  store_u64(out + kOffBodyBytes, h.body_bytes);
+  store_u32(out + kOffChecksumA, h.checksum_a);
+  store_u32(out + kOffChecksumB, h.checksum_b);
+  if (hb == kHeaderBytes) {
+    store_u64(out + kOffTransferTag, h.transfer_tag);
+    for (int i = 0; i < kExtBytes; ++i) out[kOffExt + i] = h.ext[i];
+  }
+  store_u32(out + kOffHeaderCrc, header_crc(out, hb));
+  return hb;
 }
 
-// Read the fields of 64 header bytes (no validation; see validate.h). Returns false if the magic differs.
-SZ_HD bool parse_header(const uint8_t* in64, Header* h) {
-  h->version = in64[kOffVersion];
-  h->dtype = in64[kOffDtype];
-  h->mode = in64[kOffMode];
-  h->code_bits = in64[kOffCodeBits];
-  h->n_codes = in64[kOffNCodes];
-  h->chunk_log2 = in64[kOffChunkLog2];
-  h->reserved = load_u16(in64 + kOffReserved);
-  h->header_crc32 = load_u32(in64 + kOffHeaderCrc);
-  for (int i = 0; i < 16; ++i) h->codebook[i] = in64[kOffCodebook + i];
-  h->n_elems = load_u64(in64 + kOffNElems);
-  h->n_escapes = load_u64(in64 + kOffNEscapes);
-  h->body_bytes = load_u64(in64 + kOffBodyBytes);
-  h->checksum_a = load_u32(in64 + kOffChecksumA);
-  h->checksum_b = load_u32(in64 + kOffChecksumB);
-  return load_u32(in64 + kOffMagic) == kMagicU32;
+// Read the fields of a header (no validation; see validate.h): bytes 0..63, and for version 2 (byte 4) also
+// the transfer tag and ext, so `in` must hold header_bytes_of(in[4]) readable bytes (64 otherwise).
+// Returns false if the magic differs.
+SZ_HD bool parse_header(const uint8_t* in, Header* h) {
+  h->version = in[kOffVersion];
+  h->dtype = in[kOffDtype];
+  h->mode = in[kOffMode];
+  h->code_bits = in[kOffCodeBits];
+  h->n_codes = in[kOffNCodes];
+  h->chunk_log2 = in[kOffChunkLog2];
+  h->reserved = load_u16(in + kOffReserved);
+  h->header_crc32 = load_u32(in + kOffHeaderCrc);
+  for (int i = 0; i < 16; ++i) h->codebook[i] = in[kOffCodebook + i];
+  h->n_elems = load_u64(in + kOffNElems);
+  h->n_escapes = load_u64(in + kOffNEscapes);
+  h->body_bytes = load_u64(in + kOffBodyBytes);
+  h->checksum_a = load_u32(in + kOffChecksumA);
+  h->checksum_b = load_u32(in + kOffChecksumB);
+  const bool v2 = h->version == kVersion;
+  h->transfer_tag = v2 ? load_u64(in + kOffTransferTag) : 0;
+  for (int i = 0; i < kExtBytes; ++i) h->ext[i] = v2 ? in[kOffExt + i] : uint8_t(0);
+  return load_u32(in + kOffMagic) == kMagicU32;
 }
 
 // ---- EXP4 section layout (FORMAT.md §3) --------------------------------------------------------------------

@@ -1,5 +1,5 @@
-// Host-only header validation (FORMAT.md §6 steps 1-3) with error messages matching
-// splitzip_vllm/codec/format.py. Shared by the CPU and CUDA bindings.
+// Host-only header validation of format versions 1 and 2 (FORMAT.md §6 steps 1-3, §6a) with error messages
+// matching splitzip_vllm/codec/format.py. Shared by the CPU and CUDA bindings.
 #pragma once
 
 #include <cstdint>
@@ -34,48 +34,47 @@ inline u128 exp4_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m) {
   const u128 off_exp = align16_wide(off_pos + 2 * u128(m));
   return off_exp + m;
 }
-}  // namespace detail
 
-// Validates 64 header bytes (the caller guarantees `available >= 64`). Returns "" when valid, otherwise the
-// problem. `available` is the payload buffer length in bytes.
-inline std::string validate_header(const uint8_t* hdr64, uint64_t available, Header* out) {
-  Header h;
-  if (available < uint64_t(kHeaderBytes))
-    return "payload truncated: " + std::to_string(available) + " bytes, the header alone needs " +
-           std::to_string(kHeaderBytes);
-  if (!parse_header(hdr64, &h)) {
-    std::string m = "not a splitzip payload: magic b'";
-    static const char* hex = "0123456789abcdef";
-    for (int i = 0; i < 4; ++i) {
-      uint8_t c = hdr64[i];
-      if (c >= 32 && c < 127 && c != '\\' && c != '\'') {
-        m += char(c);
-      } else {
-        m += "\\x";
-        m += hex[c >> 4];
-        m += hex[c & 15];
-      }
+inline std::string hex_tag(uint64_t v) {
+  static const char* hex = "0123456789abcdef";
+  std::string s = "0x";
+  for (int i = 15; i >= 0; --i) s += hex[(v >> (4 * i)) & 15];
+  return s;
+}
+
+inline std::string magic_message(const uint8_t* hdr) {
+  std::string m = "not a splitzip payload: magic b'";
+  static const char* hex = "0123456789abcdef";
+  for (int i = 0; i < 4; ++i) {
+    uint8_t c = hdr[i];
+    if (c >= 32 && c < 127 && c != '\\' && c != '\'') {
+      m += char(c);
+    } else {
+      m += "\\x";
+      m += hex[c >> 4];
+      m += hex[c & 15];
     }
-    return m + "', expected b'SZKV'";
   }
-  if (h.version != kVersion)
-    return "unsupported splitzip format version " + std::to_string(h.version) + "; this build reads version " +
-           std::to_string(kVersion) + " (upgrade splitzip-vllm on both prefill and decode)";
-  if (header_crc(hdr64) != h.header_crc32) return "payload header is corrupted (header CRC mismatch)";
+  return m + "', expected b'SZKV'";
+}
+
+// FORMAT.md §6 step 2 after the CRC: dtype, reserved field, mode and the mode's field combination, ext.
+inline std::string validate_fields(const Header& h) {
   if (!dtype_known(h.dtype)) return "payload header names unknown dtype code " + std::to_string(h.dtype);
   if (h.reserved != 0) return "payload header has non-zero reserved field";
   const uint64_t esize = uint64_t(dtype_elem_size(h.dtype));
   // Sizes are compared in 128-bit arithmetic: header fields are untrusted and may be near 2^64. Once the
-  // header passes, body_bytes <= available - 64 bounds n_elems, so callers' 64-bit size arithmetic is safe.
+  // header passes, body_bytes <= available - header bytes bounds n_elems, so callers' 64-bit size arithmetic is
+  // safe.
   if (h.mode == kModeRaw) {
     bool cb_set = false;
     for (int i = 0; i < 16; ++i) cb_set |= h.codebook[i] != 0;
     if (h.code_bits || h.n_codes || h.chunk_log2 || h.n_escapes || cb_set)
       return "RAW payload header has coding fields set";
-    const detail::u128 need = detail::u128(h.n_elems) * esize;
-    if (detail::u128(h.body_bytes) != need)
+    const u128 need = u128(h.n_elems) * esize;
+    if (u128(h.body_bytes) != need)
       return "RAW payload body is " + std::to_string(h.body_bytes) + " bytes but " + std::to_string(h.n_elems) +
-             " elements of size " + std::to_string(esize) + " need " + detail::u128_str(need);
+             " elements of size " + std::to_string(esize) + " need " + u128_str(need);
   } else if (h.mode == kModeExp4) {
     if (!dtype_exp4_allowed(h.dtype))
       return "EXP4 coding is not defined for dtype code " + std::to_string(h.dtype);
@@ -100,14 +99,56 @@ inline std::string validate_header(const uint8_t* hdr64, uint64_t available, Hea
       }
     }
     if (bad) return "payload codebook is malformed (duplicate or stray entries)";
-    if (detail::u128(h.body_bytes) != detail::exp4_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes))
+    if (u128(h.body_bytes) != exp4_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes))
       return "payload body length does not match its element and escape counts";
   } else {
     return "unknown payload mode " + std::to_string(h.mode);
   }
-  if (available - uint64_t(kHeaderBytes) < h.body_bytes)
+  bool ext_set = false;
+  for (int i = 0; i < kExtBytes; ++i) ext_set |= h.ext[i] != 0;
+  if (ext_set) return "payload header has non-zero ext field (reserved for later modes)";
+  return std::string();
+}
+}  // namespace detail
+
+// Why a payload of transfer `tag` (format `version`) is refused where `expected` is (FORMAT.md §6a); the text of
+// splitzip_vllm/codec/format.py tag_mismatch_message.
+inline std::string tag_mismatch_message(int version, uint64_t tag, uint64_t expected) {
+  if (version == kVersionV1)
+    return "format v1 payloads carry no transfer tag (implicit tag " + detail::hex_tag(0) +
+           "), but this decode expects transfer tag " + detail::hex_tag(expected) +
+           ": upgrade splitzip-vllm on the sending side";
+  return "payload belongs to another transfer: its transfer tag is " + detail::hex_tag(tag) + ", expected " +
+         detail::hex_tag(expected) +
+         " (another request, layer or an older allocation: a read after the prefill's lease expired?)";
+}
+
+// Validates a header of version 1 or 2 at `hdr` (FORMAT.md §6 steps 1-3 for the header alone; reads at most
+// min(available, 96) bytes). Returns "" when valid, otherwise the problem. `available` is the payload buffer
+// length in bytes; `expected_tag` the transfer tag the caller expects (FORMAT.md §6a).
+inline std::string validate_header(const uint8_t* hdr, uint64_t available, uint64_t expected_tag, Header* out) {
+  if (available < uint64_t(kHeaderBytesV1))
+    return "payload truncated: " + std::to_string(available) + " bytes, the header alone needs " +
+           std::to_string(kHeaderBytesV1);
+  if (load_u32(hdr + kOffMagic) != kMagicU32) return detail::magic_message(hdr);
+  const int version = hdr[kOffVersion];
+  const int hb = header_bytes_of(version);
+  if (hb == 0)
+    return "unsupported splitzip format version " + std::to_string(version) + "; this build reads versions " +
+           std::to_string(kVersionV1) + " and " + std::to_string(kVersion) +
+           " (upgrade splitzip-vllm on both prefill and decode)";
+  if (available < uint64_t(hb))
+    return "payload truncated: " + std::to_string(available) + " bytes, the header alone needs " +
+           std::to_string(hb);
+  Header h;
+  parse_header(hdr, &h);
+  if (header_crc(hdr, hb) != h.header_crc32) return "payload header is corrupted (header CRC mismatch)";
+  const std::string err = detail::validate_fields(h);
+  if (!err.empty()) return err;
+  if (h.transfer_tag != expected_tag) return tag_mismatch_message(version, h.transfer_tag, expected_tag);
+  if (available - uint64_t(hb) < h.body_bytes)
     return "payload truncated: " + std::to_string(available) + " bytes, header says " +
-           std::to_string(uint64_t(kHeaderBytes) + h.body_bytes);
+           std::to_string(uint64_t(hb) + h.body_bytes);
   if (out) *out = h;
   return std::string();
 }

@@ -33,15 +33,18 @@ class CodecBackend(ABC):
 
     @abstractmethod
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                    chunk_log2: int, out: torch.Tensor) -> None:
-        """Write header+body into ``out`` (uint8, ``>= encode_capacity`` bytes, same device).
+                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
+        """Write header+body into ``out`` (uint8, ``>= encode_capacity`` bytes, same device), a format-v2
+        payload bound to transfer ``tag`` (u64; 0 = unbound, FORMAT.md §6a).
 
         GPU backends do not synchronise with the host; the length is in the header.
         """
 
     @abstractmethod
-    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
-        """Decode ``payload`` (uint8) into ``regions``; raise ``PayloadError`` on any inconsistency."""
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                    tag: int = 0) -> None:
+        """Decode ``payload`` (uint8, format v1 or v2) into ``regions``; raise ``PayloadError`` on any
+        inconsistency, and before writing anything when the payload's transfer tag is not ``tag``."""
 
 
 _REGISTRY: dict[str, type[CodecBackend]] = {}

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import PayloadError
+from ..format import PayloadError, check_tag
 from . import CodecBackend, register
 
 try:
@@ -60,42 +60,46 @@ class CpuBackend(CodecBackend):
     # TypeError the slow path reruns with the Python checks (readable messages) and contiguous copies.
 
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                    chunk_log2: int, out: torch.Tensor) -> None:
-        self.encode_len(regions, dtype, codebook, chunk_log2, out)
+                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
+        self.encode_len(regions, dtype, codebook, chunk_log2, out, tag)
 
     def encode_len(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                   chunk_log2: int, out: torch.Tensor) -> int:
+                   chunk_log2: int, out: torch.Tensor, tag: int = 0) -> int:
         """``encode_into`` that also returns the payload length."""
         cb = codebook.as_bytes() if codebook is not None else None
         try:
-            return _C_cpu.encode_into(regions, dtype, cb, len(cb) if cb else 0, chunk_log2, out)
+            return _C_cpu.encode_into(regions, dtype, cb, len(cb) if cb else 0, chunk_log2, out, tag)
         except (ValueError, TypeError):
-            return self._encode_checked(regions, dtype, cb, chunk_log2, out)
+            return self._encode_checked(regions, dtype, cb, chunk_log2, out, tag)
         except RuntimeError as e:
             _reraise(e)
             raise
 
     def _encode_checked(self, regions: Sequence[torch.Tensor], dtype: int, cb: bytes | None, chunk_log2: int,
-                        out: torch.Tensor) -> int:
+                        out: torch.Tensor, tag: int) -> int:
+        check_tag(tag)
         if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous():
             raise ValueError("the cpu codec backend encodes into a contiguous uint8 CPU tensor")
         try:
             return int(_C_cpu.encode_into(_flat(regions), dtype, cb, len(cb) if cb else 0, chunk_log2,
-                                          out.reshape(-1)))
+                                          out.reshape(-1), tag))
         except RuntimeError as e:
             _reraise(e)
             raise
 
-    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                    tag: int = 0) -> None:
         try:
-            _C_cpu.decode_into(payload, payload.numel(), regions, dtype)
+            _C_cpu.decode_into(payload, payload.numel(), regions, dtype, tag)
         except (ValueError, TypeError):
-            self._decode_checked(payload, regions, dtype)
+            self._decode_checked(payload, regions, dtype, tag)
         except RuntimeError as e:
             _reraise(e)
             raise
 
-    def _decode_checked(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+    def _decode_checked(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                        tag: int) -> None:
+        check_tag(tag)
         if payload.device.type != "cpu":
             raise ValueError(f"the cpu codec backend decodes CPU payloads, got one on {payload.device}")
         if payload.dtype != torch.uint8:
@@ -107,7 +111,7 @@ class CpuBackend(CodecBackend):
             if not r.is_contiguous():
                 raise ValueError("decode destinations must be contiguous (the api stages non-contiguous ones)")
         try:
-            _C_cpu.decode_into(flat, flat.numel(), _flat(regions), dtype)
+            _C_cpu.decode_into(flat, flat.numel(), _flat(regions), dtype, tag)
         except RuntimeError as e:
             _reraise(e)
             raise

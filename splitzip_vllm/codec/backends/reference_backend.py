@@ -23,13 +23,14 @@ class ReferenceBackend(CodecBackend):
         return True
 
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                    chunk_log2: int, out: torch.Tensor) -> None:
-        payload = reference.encode(regions, dtype, codebook, chunk_log2)
+                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
+        payload = reference.encode(regions, dtype, codebook, chunk_log2, tag)
         out[:payload.numel()].copy_(payload)
 
-    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                    tag: int = 0) -> None:
         n = sum(r.numel() for r in regions)
-        data = reference.decode(payload, dtype, n)
+        data = reference.decode(payload, dtype, n, tag)
         off = 0
         for r in regions:
             nb = r.numel() * r.element_size()
