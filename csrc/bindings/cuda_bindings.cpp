@@ -144,7 +144,8 @@ void check_out(const at::Tensor& out, const at::Device& dev) {
 }
 
 void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
-                 const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor& out) {
+                 const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor& out,
+                 uint64_t tag) {
   const int esize = elem_size_of(dtype_code);
   check_out(out, dev);
   const std::vector<uint8_t> cb = codebook_bytes(codebook);
@@ -157,13 +158,13 @@ void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
   at::Tensor ws = at::empty({int64_t(ws_bytes)}, out.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   check_launch(splitzip_cuda_encode(&r, int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
-                                    int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()),
+                                    int(chunk_log2), tag, out.data_ptr<uint8_t>(), uint64_t(out.numel()),
                                     ws.data_ptr(), ws_bytes, stream),
                "splitzip cuda encode");
 }
 
 at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tensor& payload, int64_t payload_len,
-                       int64_t dtype_code, std::optional<at::Tensor> status) {
+                       int64_t dtype_code, std::optional<at::Tensor> status, uint64_t tag) {
   elem_size_of(dtype_code);
   check_cuda_tensor(payload, dev, "payload", 0);
   if (payload.scalar_type() != at::kByte) value_error("the payload must be a uint8 tensor");
@@ -184,7 +185,7 @@ at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tens
   // an empty payload tensor has no storage; point at the (16-byte aligned) workspace, which is never read
   // as payload because payload_len == 0 fails validation first
   const uint8_t* pp = payload.numel() > 0 ? payload.data_ptr<uint8_t>() : static_cast<const uint8_t*>(ws.data_ptr());
-  check_launch(splitzip_cuda_decode(pp, uint64_t(payload_len), &r, int(dtype_code),
+  check_launch(splitzip_cuda_decode(pp, uint64_t(payload_len), &r, int(dtype_code), tag,
                                     reinterpret_cast<uint32_t*>(st.data_ptr<int32_t>()), ws.data_ptr(), ws_bytes,
                                     stream),
                "splitzip cuda decode");
@@ -192,37 +193,38 @@ at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tens
 }
 
 void encode_regions(const std::vector<at::Tensor>& regions, int64_t dtype_code,
-                    const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor out) {
+                    const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor out,
+                    uint64_t tag) {
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
-  encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out);
+  encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out, tag);
 }
 
 void encode_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor>& prefix, int64_t region_elems,
                  int64_t n_elems, int64_t dtype_code, const std::optional<std::vector<int64_t>>& codebook,
-                 int64_t chunk_log2, at::Tensor out) {
+                 int64_t chunk_log2, at::Tensor out, uint64_t tag) {
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
-  encode_impl(r, dev, dtype_code, codebook, chunk_log2, out);
+  encode_impl(r, dev, dtype_code, codebook, chunk_log2, out, tag);
 }
 
 at::Tensor decode_regions(const at::Tensor& payload, int64_t payload_len, const std::vector<at::Tensor>& regions,
-                          int64_t dtype_code, std::optional<at::Tensor> status) {
+                          int64_t dtype_code, std::optional<at::Tensor> status, uint64_t tag) {
   const at::Device dev = payload.device();
   c10::cuda::CUDAGuard guard(dev);
   const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
-  return decode_impl(tb.r, dev, payload, payload_len, dtype_code, status);
+  return decode_impl(tb.r, dev, payload, payload_len, dtype_code, status, tag);
 }
 
 at::Tensor decode_ptrs(const at::Tensor& payload, int64_t payload_len, const at::Tensor& ptrs,
                        const std::optional<at::Tensor>& prefix, int64_t region_elems, int64_t n_elems,
-                       int64_t dtype_code, std::optional<at::Tensor> status) {
+                       int64_t dtype_code, std::optional<at::Tensor> status, uint64_t tag) {
   const at::Device dev = payload.device();
   c10::cuda::CUDAGuard guard(dev);
   const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
-  return decode_impl(r, dev, payload, payload_len, dtype_code, status);
+  return decode_impl(r, dev, payload, payload_len, dtype_code, status, tag);
 }
 
 py::dict status_codes() {
@@ -234,23 +236,25 @@ py::dict status_codes() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "SplitZip-KV CUDA codec (FORMAT.md v1); no host synchronization";
+  m.doc() = "SplitZip-KV CUDA codec (FORMAT.md v2; decodes v1 too); no host synchronization";
   m.def("encode", &encode_regions, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
-        py::arg("chunk_log2"), py::arg("out"),
+        py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0,
         "Encode the concatenation of CUDA `regions` into `out` (uint8, >= encode_capacity bytes, 16-byte "
-        "aligned) on the current stream. `codebook`: list of exponents or None (RAW). The length is in the "
-        "device-side header.");
+        "aligned) on the current stream, bound to transfer `tag` (u64). `codebook`: list of exponents or None "
+        "(RAW). The length is in the device-side header.");
   m.def("encode_ptrs", &encode_ptrs, py::arg("ptrs"), py::arg("prefix"), py::arg("region_elems"),
         py::arg("n_elems"), py::arg("dtype_code"), py::arg("codebook"), py::arg("chunk_log2"), py::arg("out"),
-        "encode() over a device table of region base addresses (int64 CUDA tensor) with uniform region_elems "
+        py::arg("tag") = 0, "encode() over a device table of region base addresses (int64 CUDA tensor) with uniform region_elems "
         "or a device prefix table of element offsets.");
   m.def("decode", &decode_regions, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
-        py::arg("dtype_code"), py::arg("status") = py::none(),
+        py::arg("dtype_code"), py::arg("status") = py::none(), py::arg("tag") = 0,
         "Decode the first `payload_len` bytes of `payload` (16-byte aligned) into CUDA `regions` on the current "
-        "stream; returns the device status tensor int32[4] (0 = ok) without synchronizing.");
+        "stream; the payload's transfer tag must be `tag`. Returns the device status tensor int32[4] (0 = ok) "
+        "without synchronizing.");
   m.def("decode_ptrs", &decode_ptrs, py::arg("payload"), py::arg("payload_len"), py::arg("ptrs"),
         py::arg("prefix"), py::arg("region_elems"), py::arg("n_elems"), py::arg("dtype_code"),
-        py::arg("status") = py::none(), "decode() into a device region table (see encode_ptrs).");
+        py::arg("status") = py::none(), py::arg("tag") = 0,
+        "decode() into a device region table (see encode_ptrs).");
   m.def("encode_workspace_bytes", &splitzip_cuda_encode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"),
         py::arg("codebook_given"), py::arg("chunk_log2"));
   m.def("decode_workspace_bytes", &splitzip_cuda_decode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"));

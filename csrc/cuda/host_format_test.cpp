@@ -1,7 +1,7 @@
 // Host-side checks of the CUDA codec's shared logic (no GPU needed; scripts/check_cuda_compile.sh runs it):
-//  1. build_header (table CRC) == format.h pack_header on random headers;
-//  2. validate_header_code agrees with validate.h validate_header on valid and corrupted headers
-//     (OK <=> empty message, and the code names the same problem as the message);
+//  1. build_header (table CRC) == format.h pack_header on random version-2 headers;
+//  2. validate_header_code agrees with validate.h validate_header on valid and corrupted headers of versions 1
+//     and 2, expected transfer tags equal or not (OK <=> empty message, the code names the same problem);
 //  3. encode8 / decode8 / checksum16 / checksum_delta (the per-group bit logic of the kernels, with the device
 //     intrinsics emulated) against format.h's scalar definitions on all 65,536 bf16 patterns;
 //  4. the layout facts the kernels' bounds rely on, for every n up to 70,000 and sampled larger n.
@@ -52,6 +52,9 @@ static const char* expected_prefix(int code) {
     case SZ_ERR_CODEBOOK: return "payload codebook is malformed";
     case SZ_ERR_EXP4_BODY: return "payload body length does not match";
     case SZ_ERR_MODE: return "unknown payload mode";
+    case SZ_ERR_EXT: return "payload header has non-zero ext field";
+    case SZ_ERR_TAG: return "payload belongs to another transfer: its transfer tag is ";
+    case SZ_ERR_TAG_V1: return "format v1 payloads carry no transfer tag";
     case SZ_ERR_TRUNCATED_BODY: return "payload truncated: ";
     default: return nullptr;
   }
@@ -66,10 +69,15 @@ static void test_headers() {
     CHECK(crc32(reinterpret_cast<const uint8_t*>(s), 9) == 0xCBF43926u, "format.h crc32 check value");
   }
   std::mt19937_64 rng(12345);
-  int n_valid = 0, n_invalid = 0;
+  int n_valid = 0, n_invalid = 0, n_tag = 0;
   for (int iter = 0; iter < 200000; ++iter) {
-    // a mostly-plausible header
+    // a mostly-plausible header: version 2 (sometimes 1), a random transfer tag, mostly the expected one
     Header h;
+    h.version = uint8_t(rng() % 4 == 0 ? kVersionV1 : kVersion);
+    h.transfer_tag = h.version == kVersion ? (rng() % 3 == 0 ? 0 : rng()) : 0;
+    uint64_t expected_tag = h.transfer_tag;
+    if (rng() % 8 == 0) expected_tag = rng() % 2 ? rng() : 0;
+    if (h.version == kVersion && rng() % 32 == 0) h.ext[rng() % kExtBytes] = uint8_t(1 + rng() % 255);
     h.dtype = uint8_t(rng() % 7);
     h.mode = uint8_t(rng() % 3);
     const uint64_t esize = uint64_t(dtype_elem_size(h.dtype) ? dtype_elem_size(h.dtype) : 1);
@@ -93,31 +101,41 @@ static void test_headers() {
     if (rng() % 32 == 0) h.reserved = uint16_t(1 + rng() % 100);
     h.checksum_a = uint32_t(rng());
     h.checksum_b = uint32_t(rng());
-    uint8_t ref[64], mine[64];
-    pack_header(h, ref);
+    uint8_t ref[kHeaderBytes] = {0}, mine[kHeaderBytes];
+    const int hb = pack_header(h, ref);
+    CHECK(hb == header_bytes_of(h.version), "pack_header length");
     cudafmt::build_header(mine, tab, h.dtype, h.mode, h.code_bits, h.n_codes, h.chunk_log2, h.codebook, h.n_elems,
-                          h.n_escapes, h.body_bytes, h.checksum_a, h.checksum_b);
-    if (h.reserved == 0 && h.version == kVersion) CHECK(std::memcmp(ref, mine, 64) == 0, "build_header != pack_header");
-    // corruptions
+                          h.n_escapes, h.body_bytes, h.checksum_a, h.checksum_b, h.transfer_tag);
+    bool ext_set = false;
+    for (int i = 0; i < kExtBytes; ++i) ext_set |= h.ext[i] != 0;
+    if (h.reserved == 0 && h.version == kVersion && !ext_set)
+      CHECK(std::memcmp(ref, mine, kHeaderBytes) == 0, "build_header != pack_header");
+    // corruptions (a CRC "fixed" after a version change covers the new version's header length)
     const int kind = int(rng() % 8);
-    if (kind == 1) ref[rng() % 64] ^= uint8_t(1u << (rng() % 8));            // bit flip (usually CRC)
-    if (kind == 2) { ref[4] = uint8_t(rng()); store_u32(ref + 12, header_crc(ref)); }  // version, CRC fixed
+    auto reseal = [&]() {
+      const int nb = header_bytes_of(ref[4]) ? header_bytes_of(ref[4]) : kHeaderBytes;
+      store_u32(ref + 12, header_crc(ref, nb));
+    };
+    if (kind == 1) ref[rng() % hb] ^= uint8_t(1u << (rng() % 8));             // bit flip (usually CRC)
+    if (kind == 2) { ref[4] = rng() % 2 ? uint8_t(rng()) : uint8_t(3 - ref[4]); reseal(); }  // version
     if (kind == 3) { ref[rng() % 4] ^= 0x20; }                                 // magic
-    if (kind == 4) { ref[5 + rng() % 5] = uint8_t(rng()); store_u32(ref + 12, header_crc(ref)); }
-    uint64_t avail = 64 + h.body_bytes;
-    if (kind == 5) avail = rng() % 64;
-    if (kind == 6 && h.body_bytes > 0 && h.body_bytes < (uint64_t(1) << 62)) avail = 64 + rng() % h.body_bytes;
+    if (kind == 4) { ref[5 + rng() % 5] = uint8_t(rng()); reseal(); }
+    uint64_t avail = uint64_t(hb) + h.body_bytes;
+    if (kind == 5) avail = rng() % uint64_t(hb);
+    if (kind == 6 && h.body_bytes > 0 && h.body_bytes < (uint64_t(1) << 62)) avail = hb + rng() % h.body_bytes;
     if (h.body_bytes > (uint64_t(1) << 62)) avail = ~uint64_t(0);
     Header hv, hm;
-    const std::string msg = avail >= 64 ? validate_header(ref, avail, &hv) : validate_header(ref, avail, &hv);
-    const int code = cudafmt::validate_header_code(ref, avail, tab, &hm);
+    const std::string msg = validate_header(ref, avail, expected_tag, &hv);
+    const int code = cudafmt::validate_header_code(ref, avail, expected_tag, tab, &hm);
     CHECK((code == SZ_OK) == msg.empty(), "validity differs: code %d msg '%s'", code, msg.c_str());
     if (code == SZ_OK) {
       ++n_valid;
-      uint8_t pv[64], pm[64];  // compare field by field (the struct has padding)
-      pack_header(hv, pv);
-      pack_header(hm, pm);
-      CHECK(std::memcmp(pv, pm, 64) == 0 && hv.header_crc32 == hm.header_crc32, "parsed headers differ");
+      CHECK(hv.transfer_tag == expected_tag, "valid header of another transfer");
+      uint8_t pv[kHeaderBytes], pm[kHeaderBytes];  // compare field by field (the struct has padding)
+      const int lv = pack_header(hv, pv);
+      const int lm = pack_header(hm, pm);
+      CHECK(lv == lm && std::memcmp(pv, pm, size_t(lv)) == 0 && hv.header_crc32 == hm.header_crc32,
+            "parsed headers differ");
     } else {
       ++n_invalid;
       const char* pre = expected_prefix(code);
@@ -125,13 +143,16 @@ static void test_headers() {
       if (pre) {
         CHECK(msg.rfind(pre, 0) == 0, "code %d but message '%s'", code, msg.c_str());
         if (code == SZ_ERR_ESCAPES_GT_N) CHECK(msg.find(" escapes for only ") != std::string::npos, "%s", msg.c_str());
-        if (code == SZ_ERR_TRUNCATED_HEADER) CHECK(avail < 64, "trunc header");
-        if (code == SZ_ERR_TRUNCATED_BODY) CHECK(avail >= 64, "trunc body");
+        if (code == SZ_ERR_TRUNCATED_HEADER) CHECK(avail < uint64_t(kHeaderBytes), "trunc header");
+        if (code == SZ_ERR_TRUNCATED_BODY) CHECK(avail >= uint64_t(kHeaderBytesV1), "trunc body");
+        if (code == SZ_ERR_TAG || code == SZ_ERR_TAG_V1) ++n_tag;
       }
     }
   }
-  CHECK(n_valid > 1000 && n_invalid > 1000, "coverage: %d valid, %d invalid", n_valid, n_invalid);
-  std::printf("headers: %d valid, %d invalid cases agree with validate.h\n", n_valid, n_invalid);
+  CHECK(n_valid > 1000 && n_invalid > 1000 && n_tag > 1000, "coverage: %d valid, %d invalid, %d tag", n_valid,
+        n_invalid, n_tag);
+  std::printf("headers: %d valid, %d invalid (%d of another transfer) cases agree with validate.h\n", n_valid,
+              n_invalid, n_tag);
 }
 
 static void test_bits() {
@@ -205,11 +226,11 @@ static void test_bits() {
 static void check_layout(uint64_t n, int cl) {
   const Exp4Layout l0 = Exp4Layout::compute(n, cl, 0);
   const uint64_t cap = encode_capacity(n, 2);
-  // encode kernel writes (relative to the buffer): sm [64, 64+align8(n)), codes up to off_codes + 4*ceil(n/8),
+  // encode kernel writes (relative to the buffer): sm [96, 96+align8(n)), codes up to off_codes + 4*ceil(n/8),
   // counts up to off_counts + 2*n_chunks -- all inside the buffer even when the payload ends up RAW
   CHECK(((n + 7) & ~uint64_t(7)) <= l0.off_codes, "sm tail n=%llu", (unsigned long long)n);
   CHECK(l0.off_codes + 4 * ((n + 7) / 8) <= l0.off_counts, "codes tail n=%llu", (unsigned long long)n);
-  CHECK(64 + l0.off_counts + 2 * l0.n_chunks <= cap, "counts inside buffer n=%llu cl=%d", (unsigned long long)n, cl);
+  CHECK(kHeaderBytes + l0.off_counts + 2 * l0.n_chunks <= cap, "counts inside buffer n=%llu cl=%d", (unsigned long long)n, cl);
   // decode reads of the tail group (16 elements): sm [g, g+16) <= off_codes, codes [.., +8) <= off_counts
   CHECK(((n + 15) & ~uint64_t(15)) <= l0.off_codes, "dec sm tail n=%llu", (unsigned long long)n);
   CHECK(l0.off_codes + 8 * ((n + 15) / 16) <= l0.off_counts, "dec codes tail n=%llu", (unsigned long long)n);
@@ -225,7 +246,7 @@ static void check_layout(uint64_t n, int cl) {
     }
     const uint64_t et = lo;
     CHECK(et < stage, "stage cap n=%llu", (unsigned long long)n);
-    CHECK(64 + l0.off_pos + 2 * et <= cap, "positions inside buffer");
+    CHECK(kHeaderBytes + l0.off_pos + 2 * et <= cap, "positions inside buffer");
     CHECK(Exp4Layout::compute(n, cl, et).body_bytes < 2 * n, "predicate == layout");
     CHECK(Exp4Layout::compute(n, cl, et + 1).body_bytes >= 2 * n, "predicate == layout (+1)");
   }

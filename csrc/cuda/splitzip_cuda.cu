@@ -1,4 +1,4 @@
-// SplitZip-KV CUDA codec (FORMAT.md v1). Pure CUDA: no torch headers; the launchers take raw device
+// SplitZip-KV CUDA codec (FORMAT.md v2; decodes v1 too). Pure CUDA: no torch headers; the launchers take raw device
 // pointers and a cudaStream_t (see splitzip_cuda.h). Compiles stand-alone:
 //   nvcc -c -O3 -std=c++17 -I csrc/include csrc/cuda/splitzip_cuda.cu   (scripts/check_cuda_compile.sh)
 // and, for tests without a GPU, as plain C++ against csrc/cuda/emu/cuda_emu.h (tests/test_codec_cuda_emu.py).
@@ -21,8 +21,9 @@
 //   enc_finish_kernel writes the header.
 // DECODE, no host synchronization:
 //   0. cudaMemsetAsync clears the control block and the look-back state.
-//   1. dec_header_kernel (one block): validates the header (FORMAT.md §6 steps 1-3) against the payload length
-//      and the destination, writes the layout into the control block and the verdict into status[0].
+//   1. dec_header_kernel (one block): validates the header (FORMAT.md §6 steps 1-3: version 1 or 2, the expected
+//      transfer tag of §6a) against the payload length and the destination, writes the body offset (64 or 96)
+//      and the layout into the control block and the verdict into status[0].
 //   2. dec_main_kernel: persistent grid (SMs x occupancy); blocks take tiles in order from an atomic counter.
 //      EXP4 tiles (max(2^chunk_log2, 16384) elements): warp 0 reads the tile's chunk counts (bounds-checked
 //      against the chunk lengths) while the first dense loads are in flight and publishes their sum; the block
@@ -33,7 +34,8 @@
 //      the checksum. Errors merge into status[0] as "smallest code wins", the codes following the check order
 //      of FORMAT.md §6, so the verdict equals the reference decoder's.
 // Bounds: every write goes to an element index < n of the destination region table, or into the caller's output
-// buffer below 64 + n*elem_size + 64 / the workspace; every payload read is below 64 + body_bytes <= payload_len
+// buffer below 96 + n*elem_size + 64 / the workspace; every payload read is below header bytes + body_bytes <=
+// payload_len
 // (header validated first; the tail group's vector reads stay inside the dense sections, see host_format_test).
 #if defined(SPLITZIP_CUDA_EMU)  // CPU emulation build for tests (csrc/cuda/emu/cuda_emu.h)
 #include "emu/cuda_emu.h"
@@ -330,7 +332,7 @@ static_assert(sizeof(EncCtl) == 64, "EncCtl is 64 bytes");
 
 struct EncArgs {
   SzRegions src;
-  uint8_t* body;  // out + 64
+  uint8_t* body;  // out + 96
   EncCtl* ctl;
   uint64_t* state;
   uint8_t* exp_stage;
@@ -591,6 +593,7 @@ struct FinArgs {
   uint32_t ntiles;  // EXP4 tiles of enc_exp4_kernel; 0 when the payload is RAW by construction
   int raw_copied;   // RAW by construction: the body is already written by enc_raw_kernel
   uint8_t codebook[16];
+  uint64_t tag;     // transfer tag written into the header (FORMAT.md §6a)
 };
 
 __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
@@ -616,9 +619,9 @@ __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
       __align__(16) uint8_t hb[kHeaderBytes];
       cudafmt::build_header(hb, s_crc, a.dtype, exp4 ? kModeExp4 : kModeRaw, exp4 ? kCodeBits : 0,
                             exp4 ? a.n_codes : 0, exp4 ? a.chunk_log2 : 0, cb16, n, exp4 ? m : 0,
-                            exp4 ? lay.body_bytes : n * uint64_t(a.esize), a.ctl->sum_a, a.ctl->sum_b);
+                            exp4 ? lay.body_bytes : n * uint64_t(a.esize), a.ctl->sum_a, a.ctl->sum_b, a.tag);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kHeaderBytes / 16; ++i)
         reinterpret_cast<uint4*>(a.out)[i] = reinterpret_cast<const uint4*>(hb)[i];
       if (exp4) {  // zero gaps between sections (FORMAT.md §3)
         for (uint64_t k = n; k < lay.off_codes; ++k) body[k] = 0;
@@ -651,25 +654,25 @@ struct DecCtl {  // 128 bytes at the start of the decode workspace, cleared befo
   unsigned int chunk_log2;
   unsigned int checksum_a;
   unsigned int checksum_b;
-  unsigned int pad[3];
+  unsigned int header_bytes;  // 64 (version 1) or 96 (version 2): the body starts there
+  unsigned int pad[2];
   uint8_t table[16];
   uint64_t n, n_escapes, n_chunks, off_codes, off_counts, off_pos, off_exp, ntiles;
 };
 static_assert(sizeof(DecCtl) == 128, "DecCtl is 128 bytes");
 
 __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* payload, uint64_t payload_len,
-                                                              int dtype, int64_t n_dst, DecCtl* ctl,
-                                                              uint32_t* status) {
+                                                              int dtype, int64_t n_dst, uint64_t expected_tag,
+                                                              DecCtl* ctl, uint32_t* status) {
   __shared__ uint32_t s_crc[256];
   s_crc[threadIdx.x] = cudafmt::crc32_table_entry(threadIdx.x);
   __syncthreads();
   if (threadIdx.x != 0) return;
-  uint8_t hb[kHeaderBytes];
-  if (payload_len >= uint64_t(kHeaderBytes)) {
-    for (int i = 0; i < kHeaderBytes; ++i) hb[i] = payload[i];
-  }
+  uint8_t hb[kHeaderBytes];  // the first min(payload_len, 96) payload bytes (validation reads no more)
+  const int avail = payload_len < uint64_t(kHeaderBytes) ? int(payload_len) : kHeaderBytes;
+  for (int i = 0; i < avail; ++i) hb[i] = payload[i];
   Header h;
-  int code = cudafmt::validate_header_code(hb, payload_len, s_crc, &h);
+  int code = cudafmt::validate_header_code(hb, payload_len, expected_tag, s_crc, &h);
   if (code == SZ_OK && int(h.dtype) != dtype) code = SZ_ERR_DST_DTYPE;
   if (code == SZ_OK && h.n_elems != uint64_t(n_dst)) code = SZ_ERR_DST_COUNT;
   if (code == SZ_OK) {
@@ -677,6 +680,7 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
     ctl->chunk_log2 = h.chunk_log2;
     ctl->checksum_a = h.checksum_a;
     ctl->checksum_b = h.checksum_b;
+    ctl->header_bytes = uint32_t(header_bytes_of(h.version));
     for (int i = 0; i < 16; ++i) ctl->table[i] = h.codebook[i];  // zero past n_codes (validated)
     ctl->n = h.n_elems;
     ctl->n_escapes = h.n_escapes;
@@ -772,7 +776,7 @@ __device__ __forceinline__ void dec_exp4_tile(const DecArgs& a, const DecCtl& c,
                                               uint32_t& ca, uint32_t& cb) {
   constexpr int64_t TE = int64_t(NP) * kDecPassElems;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint8_t* body = a.payload + kHeaderBytes;
+  const uint8_t* body = a.payload + c.header_bytes;
   const int clog2 = int(c.chunk_log2);
   const uint64_t C = uint64_t(1) << clog2;
   const int64_t n = int64_t(c.n);
@@ -892,7 +896,7 @@ __global__ void __launch_bounds__(kThreads) dec_main_kernel(const DecArgs a) {
     for (int it = 1; uint64_t(tile) < ntiles; ++it) {
       if (threadIdx.x == 0) s_next[it & 1] = atomicAdd(&a.ctl->tile_counter, 1u);  // prefetch the next id
       if (raw) {
-        raw_tile<false, true, RAW_U>(a.dst, a.esize, const_cast<uint8_t*>(a.payload) + kHeaderBytes, nbytes,
+        raw_tile<false, true, RAW_U>(a.dst, a.esize, const_cast<uint8_t*>(a.payload) + c.header_bytes, nbytes,
                                      uint64_t(tile) * kRawTile, ca, cb);
       } else {
         if constexpr (BF16) {
@@ -999,10 +1003,11 @@ extern "C" {
 const char* splitzip_cuda_status_message(int code) {
   switch (code) {
     case SZ_OK: return "ok";
-    case SZ_ERR_TRUNCATED_HEADER: return "payload truncated: the header alone needs 64 bytes";
+    case SZ_ERR_TRUNCATED_HEADER: return "payload truncated: the header alone needs 64 bytes (96 in version 2)";
     case SZ_ERR_MAGIC: return "not a splitzip payload: bad magic, expected b'SZKV'";
     case SZ_ERR_VERSION:
-      return "unsupported splitzip format version (upgrade splitzip-vllm on both prefill and decode)";
+      return "unsupported splitzip format version; this build reads versions 1 and 2 (upgrade splitzip-vllm on "
+             "both prefill and decode)";
     case SZ_ERR_HEADER_CRC: return "payload header is corrupted (header CRC mismatch)";
     case SZ_ERR_DTYPE: return "payload header names unknown dtype code";
     case SZ_ERR_RESERVED: return "payload header has non-zero reserved field";
@@ -1016,6 +1021,12 @@ const char* splitzip_cuda_status_message(int code) {
     case SZ_ERR_CODEBOOK: return "payload codebook is malformed (duplicate or stray entries)";
     case SZ_ERR_EXP4_BODY: return "payload body length does not match its element and escape counts";
     case SZ_ERR_MODE: return "unknown payload mode";
+    case SZ_ERR_EXT: return "payload header has non-zero ext field (reserved for later modes)";
+    case SZ_ERR_TAG:
+      return "payload belongs to another transfer: its transfer tag differs from the expected one (another "
+             "request, layer or an older allocation: a read after the prefill's lease expired?)";
+    case SZ_ERR_TAG_V1:
+      return "format v1 payloads carry no transfer tag (implicit tag 0), but a non-zero tag is expected";
     case SZ_ERR_TRUNCATED_BODY: return "payload truncated: shorter than the header's body length";
     case SZ_ERR_DST_DTYPE: return "payload dtype differs from the destination dtype";
     case SZ_ERR_DST_COUNT: return "payload element count differs from the destination's";
@@ -1034,8 +1045,8 @@ size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int code
 }
 
 int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int chunk_log2,
-                         uint8_t* out, uint64_t out_capacity, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream) {
+                         uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
   const int esize = dtype_elem_size(dtype);
   if (esize == 0 || !regions_ok(src) || out == nullptr || workspace == nullptr) return SZ_LAUNCH_BAD_ARG;
   if (n_codes < 0 || n_codes > kMaxCodes || (n_codes > 0 && codebook == nullptr)) return SZ_LAUNCH_BAD_ARG;
@@ -1072,6 +1083,7 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
   f.esize = esize;
   f.chunk_log2 = chunk_log2;
   f.n_codes = n_codes;
+  f.tag = tag;
   for (int i = 0; i < n_codes; ++i) f.codebook[i] = codebook[i];
   unsigned fin_grid = 1;
   if (plan.exp4) {
@@ -1121,7 +1133,8 @@ size_t splitzip_cuda_decode_workspace_bytes(int64_t n_elems, int dtype) {
 }
 
 int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzRegions* dst, int dtype,
-                         uint32_t* status, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+                         uint64_t expected_tag, uint32_t* status, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream) {
   const int esize = dtype_elem_size(dtype);
   if (esize == 0 || !regions_ok(dst) || payload == nullptr || status == nullptr || workspace == nullptr)
     return SZ_LAUNCH_BAD_ARG;
@@ -1137,7 +1150,7 @@ int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzR
   auto* state = reinterpret_cast<uint64_t*>(ws + sizeof(DecCtl));
   cudaError_t e = cudaMemsetAsync(ws, 0, sizeof(DecCtl) + align16(state_tiles * 8), stream);
   if (e != cudaSuccess) return launch_result(e);
-  SZ_LAUNCH(dec_header_kernel, 1u, stream, payload, payload_len, dtype, dst->n, ctl, status);
+  SZ_LAUNCH(dec_header_kernel, 1u, stream, payload, payload_len, dtype, dst->n, expected_tag, ctl, status);
   if (nbytes > 0) {
     DecArgs a{};
     a.payload = payload;

@@ -1,4 +1,4 @@
-// SplitZip-KV CUDA codec (FORMAT.md v1): host launch API. No torch dependency; only the CUDA runtime.
+// SplitZip-KV CUDA codec (FORMAT.md v2; decodes v1 too): host launch API. No torch dependency; only the CUDA runtime.
 //
 // Encode and decode work on a LIST of device memory regions (the logical concatenation is the data), e.g. the
 // equal-size pages of one layer of one request in a paged KV cache. Neither direction synchronizes with the
@@ -39,9 +39,9 @@ typedef struct SzRegions {
 // Codes are ordered like the checks of FORMAT.md §6 (when several problems are present, the lowest is kept).
 enum SzStatus {
   SZ_OK = 0,
-  SZ_ERR_TRUNCATED_HEADER = 1,   // buffer shorter than 64 bytes
+  SZ_ERR_TRUNCATED_HEADER = 1,   // buffer shorter than 64 bytes, or than the 96 of a version-2 header
   SZ_ERR_MAGIC = 2,
-  SZ_ERR_VERSION = 3,
+  SZ_ERR_VERSION = 3,            // neither 1 nor 2
   SZ_ERR_HEADER_CRC = 4,
   SZ_ERR_DTYPE = 5,              // unknown dtype code
   SZ_ERR_RESERVED = 6,
@@ -55,14 +55,17 @@ enum SzStatus {
   SZ_ERR_CODEBOOK = 14,
   SZ_ERR_EXP4_BODY = 15,
   SZ_ERR_MODE = 16,              // unknown mode
-  SZ_ERR_TRUNCATED_BODY = 17,    // buffer shorter than 64 + body_bytes
-  SZ_ERR_DST_DTYPE = 18,         // destination dtype differs from the header's
-  SZ_ERR_DST_COUNT = 19,         // destination element count differs from the header's
-  SZ_ERR_ESC_SUM = 20,           // chunk counts do not sum to n_escapes (aux = their sum)
-  SZ_ERR_ESC_COUNT = 21,         // a chunk count exceeds its chunk length
-  SZ_ERR_ESC_POS = 22,           // an escape position lies outside its chunk
-  SZ_ERR_CHECKSUM = 23,          // decoded data does not match checksum_a / checksum_b
-  SZ_NUM_STATUS = 24
+  SZ_ERR_EXT = 17,               // non-zero ext area (version 2)
+  SZ_ERR_TAG = 18,               // version 2: transfer tag differs from the expected one (FORMAT.md §6a)
+  SZ_ERR_TAG_V1 = 19,            // version 1 (implicit tag 0) but a non-zero tag is expected
+  SZ_ERR_TRUNCATED_BODY = 20,    // buffer shorter than header bytes + body_bytes
+  SZ_ERR_DST_DTYPE = 21,         // destination dtype differs from the header's
+  SZ_ERR_DST_COUNT = 22,         // destination element count differs from the header's
+  SZ_ERR_ESC_SUM = 23,           // chunk counts do not sum to n_escapes (aux = their sum)
+  SZ_ERR_ESC_COUNT = 24,         // a chunk count exceeds its chunk length
+  SZ_ERR_ESC_POS = 25,           // an escape position lies outside its chunk
+  SZ_ERR_CHECKSUM = 26,          // decoded data does not match checksum_a / checksum_b
+  SZ_NUM_STATUS = 27
 };
 
 // Launcher results (host-side argument problems; nothing is enqueued). Positive values are cudaError_t.
@@ -83,23 +86,26 @@ const char* splitzip_cuda_status_message(int code);
 size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int chunk_log2);
 
 // Encode the concatenation of `src` (elements of wire dtype `dtype`) into `out` (device, 16-byte aligned,
-// `out_capacity >= 64 + n*elem_size + 64`). `codebook` is HOST memory with `n_codes` distinct exponents
-// (n_codes == 0 => RAW). Byte-identical to splitzip_vllm/codec/reference.py. The payload length is
-// 64 + body_bytes of the header the device writes at out[0..64).
+// `out_capacity >= 96 + n*elem_size + 64`) as a format-v2 payload bound to transfer `tag` (FORMAT.md §6a).
+// `codebook` is HOST memory with `n_codes` distinct exponents (n_codes == 0 => RAW). Byte-identical to
+// splitzip_vllm/codec/reference.py. The payload length is 96 + body_bytes of the header the device writes at
+// out[0..96).
 int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int chunk_log2,
-                         uint8_t* out, uint64_t out_capacity, void* workspace, size_t workspace_bytes,
-                         cudaStream_t stream);
+                         uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
 
 // Bytes of device workspace that decode needs for a destination of n_elems elements of `dtype`.
 size_t splitzip_cuda_decode_workspace_bytes(int64_t n_elems, int dtype);
 
-// Decode `payload` (device, 16-byte aligned, `payload_len` readable bytes) into `dst` (the destination's
-// element count is dst->n, its wire dtype `dtype`). Validates everything of FORMAT.md §6 on the device and
-// writes the verdict to `status` (device, 4 x uint32). Never reads payload bytes at or beyond payload_len and
-// never writes outside the destination regions; on a failure of the escape table or the checksum the
-// destination holds garbage.
+// Decode `payload` (device, 16-byte aligned, `payload_len` readable bytes, format v1 or v2) into `dst` (the
+// destination's element count is dst->n, its wire dtype `dtype`). Validates everything of FORMAT.md §6 on the
+// device, including that the payload's transfer tag is `expected_tag` (§6a), and writes the verdict to
+// `status` (device, 4 x uint32). Never reads payload bytes at or beyond payload_len and never writes outside
+// the destination regions; a header problem (tag included) writes nothing, while on a failure of the escape
+// table or the checksum the destination holds garbage.
 int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzRegions* dst, int dtype,
-                         uint32_t* status, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+                         uint64_t expected_tag, uint32_t* status, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
 #endif
 
 }  // extern "C"

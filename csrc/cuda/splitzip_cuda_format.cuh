@@ -22,36 +22,38 @@ SZ_HD uint32_t crc32_table_entry(uint32_t i) {
   return c;
 }
 
-// CRC-32 of the 64 header bytes with the CRC field (bytes 12..15) taken as zero.
-SZ_HD uint32_t header_crc_table(const uint32_t* tab, const uint8_t* hdr64) {
+// CRC-32 of the `header_bytes` header bytes (64 or 96) with the CRC field (bytes 12..15) taken as zero.
+SZ_HD uint32_t header_crc_table(const uint32_t* tab, const uint8_t* hdr, int header_bytes) {
   uint32_t c = 0xFFFFFFFFu;
-  for (int i = 0; i < kHeaderBytes; ++i) {
-    const uint32_t b = (i >= kOffHeaderCrc && i < kOffHeaderCrc + 4) ? 0u : uint32_t(hdr64[i]);
+  for (int i = 0; i < header_bytes; ++i) {
+    const uint32_t b = (i >= kOffHeaderCrc && i < kOffHeaderCrc + 4) ? 0u : uint32_t(hdr[i]);
     c = tab[(c ^ b) & 0xFFu] ^ (c >> 8);
   }
   return ~c;
 }
 
-// The 64 wire bytes of a header (same bytes as format.h pack_header; CRC via the table).
-SZ_HD void build_header(uint8_t* out64, const uint32_t* tab, int dtype, int mode, int code_bits, int n_codes,
+// The 96 wire bytes of a version-2 header (same bytes as format.h pack_header; CRC via the table).
+SZ_HD void build_header(uint8_t* out, const uint32_t* tab, int dtype, int mode, int code_bits, int n_codes,
                         int chunk_log2, const uint8_t* codebook16, uint64_t n_elems, uint64_t n_escapes,
-                        uint64_t body_bytes, uint32_t checksum_a, uint32_t checksum_b) {
-  store_u32(out64 + kOffMagic, kMagicU32);
-  out64[kOffVersion] = uint8_t(kVersion);
-  out64[kOffDtype] = uint8_t(dtype);
-  out64[kOffMode] = uint8_t(mode);
-  out64[kOffCodeBits] = uint8_t(code_bits);
-  out64[kOffNCodes] = uint8_t(n_codes);
-  out64[kOffChunkLog2] = uint8_t(chunk_log2);
-  store_u16(out64 + kOffReserved, 0);
-  store_u32(out64 + kOffHeaderCrc, 0u);
-  for (int i = 0; i < 16; ++i) out64[kOffCodebook + i] = codebook16 ? codebook16[i] : uint8_t(0);
-  store_u64(out64 + kOffNElems, n_elems);
-  store_u64(out64 + kOffNEscapes, n_escapes);
-  store_u64(out64 + kOffBodyBytes, body_bytes);
-  store_u32(out64 + kOffChecksumA, checksum_a);
-  store_u32(out64 + kOffChecksumB, checksum_b);
-  store_u32(out64 + kOffHeaderCrc, header_crc_table(tab, out64));
+                        uint64_t body_bytes, uint32_t checksum_a, uint32_t checksum_b, uint64_t tag) {
+  store_u32(out + kOffMagic, kMagicU32);
+  out[kOffVersion] = uint8_t(kVersion);
+  out[kOffDtype] = uint8_t(dtype);
+  out[kOffMode] = uint8_t(mode);
+  out[kOffCodeBits] = uint8_t(code_bits);
+  out[kOffNCodes] = uint8_t(n_codes);
+  out[kOffChunkLog2] = uint8_t(chunk_log2);
+  store_u16(out + kOffReserved, 0);
+  store_u32(out + kOffHeaderCrc, 0u);
+  for (int i = 0; i < 16; ++i) out[kOffCodebook + i] = codebook16 ? codebook16[i] : uint8_t(0);
+  store_u64(out + kOffNElems, n_elems);
+  store_u64(out + kOffNEscapes, n_escapes);
+  store_u64(out + kOffBodyBytes, body_bytes);
+  store_u32(out + kOffChecksumA, checksum_a);
+  store_u32(out + kOffChecksumB, checksum_b);
+  store_u64(out + kOffTransferTag, tag);
+  for (int i = 0; i < kExtBytes; ++i) out[kOffExt + i] = 0;
+  store_u32(out + kOffHeaderCrc, header_crc_table(tab, out, kHeaderBytes));
 }
 
 using u128 = unsigned __int128;
@@ -69,23 +71,24 @@ SZ_HD u128 exp4_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m) {
   return off_exp + m;
 }
 
-// Fields of 64 header bytes; the magic is checked by the caller (format.h parse_header is device-safe).
-SZ_HD void read_header_fields(const uint8_t* in64, Header* h) { (void)parse_header(in64, h); }
-
-// FORMAT.md §6 steps 1-3 for the header alone, in the order of splitzip/validate.h. `hdr64` must hold 64
-// readable bytes when available >= 64 (it is not read otherwise). Returns SZ_OK and fills *out, or the code.
-SZ_HD int validate_header_code(const uint8_t* hdr64, uint64_t available, const uint32_t* tab, Header* out) {
-  if (available < uint64_t(kHeaderBytes)) return SZ_ERR_TRUNCATED_HEADER;
+// FORMAT.md §6 steps 1-3 for the header alone (versions 1 and 2, transfer tag included), in the order of
+// splitzip/validate.h. `hdr` must hold min(available, 96) readable bytes (nothing is read past them). Returns
+// SZ_OK and fills *out, or the code.
+SZ_HD int validate_header_code(const uint8_t* hdr, uint64_t available, uint64_t expected_tag, const uint32_t* tab,
+                               Header* out) {
+  if (available < uint64_t(kHeaderBytesV1)) return SZ_ERR_TRUNCATED_HEADER;
   Header h;
-  if (load_u32(hdr64 + kOffMagic) != kMagicU32) return SZ_ERR_MAGIC;
-  read_header_fields(hdr64, &h);
-  if (h.version != kVersion) return SZ_ERR_VERSION;
-  if (header_crc_table(tab, hdr64) != h.header_crc32) return SZ_ERR_HEADER_CRC;
+  if (load_u32(hdr + kOffMagic) != kMagicU32) return SZ_ERR_MAGIC;
+  const int hb = header_bytes_of(hdr[kOffVersion]);
+  if (hb == 0) return SZ_ERR_VERSION;
+  if (available < uint64_t(hb)) return SZ_ERR_TRUNCATED_HEADER;
+  (void)parse_header(hdr, &h);  // format.h, device-safe; reads hb bytes
+  if (header_crc_table(tab, hdr, hb) != h.header_crc32) return SZ_ERR_HEADER_CRC;
   if (!dtype_known(h.dtype)) return SZ_ERR_DTYPE;
   if (h.reserved != 0) return SZ_ERR_RESERVED;
   const uint64_t esize = uint64_t(dtype_elem_size(h.dtype));
   // sizes compared in 128-bit arithmetic (untrusted fields near 2^64), as validate.h; once the header passes,
-  // body_bytes <= available - 64 bounds every 64-bit size computed from it
+  // body_bytes <= available - header bytes bounds every 64-bit size computed from it
   if (h.mode == kModeRaw) {
     bool cb_set = false;
     for (int i = 0; i < 16; ++i) cb_set |= h.codebook[i] != 0;
@@ -110,7 +113,11 @@ SZ_HD int validate_header_code(const uint8_t* hdr64, uint64_t available, const u
   } else {
     return SZ_ERR_MODE;
   }
-  if (available - uint64_t(kHeaderBytes) < h.body_bytes) return SZ_ERR_TRUNCATED_BODY;
+  bool ext_set = false;
+  for (int i = 0; i < kExtBytes; ++i) ext_set |= h.ext[i] != 0;
+  if (ext_set) return SZ_ERR_EXT;
+  if (h.transfer_tag != expected_tag) return h.version == kVersionV1 ? SZ_ERR_TAG_V1 : SZ_ERR_TAG;
+  if (available - uint64_t(hb) < h.body_bytes) return SZ_ERR_TRUNCATED_BODY;
   if (out) *out = h;
   return SZ_OK;
 }

@@ -3,7 +3,9 @@
 Encode and decode run on the current torch CUDA stream and never synchronise with the host:
 
 * ``encode_into`` writes header + body into ``out``; the payload length is in the device-side header
-  (``64 + body_bytes``), so a caller that needs it on the host reads the 64 header bytes.
+  (``96 + body_bytes``), so a caller that needs it on the host reads the 96 header bytes.
+* Every entry point takes the transfer ``tag`` (u64, FORMAT.md §6a): encoders write it into the header, decoders
+  refuse (on the device, before writing anything) a payload whose tag differs.
 * ``decode_into_async`` validates the payload on the device and returns an ``int32[4]`` device status tensor
   (``[code, aux_lo, aux_hi, 0]``, code 0 = OK). Nothing is written outside the destination regions and nothing is
   read past the payload length, whatever the payload holds; on a non-zero code the destination holds garbage.
@@ -26,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import HEADER_BYTES, PayloadError, element_size, encode_capacity, parse_header
+from ..format import HEADER_BYTES, PayloadError, check_tag, element_size, encode_capacity, parse_header
 from . import BackendUnavailableError, CodecBackend, register
 
 try:
@@ -38,23 +40,24 @@ except ImportError as e:  # extension not built (CPU-only torch, or built withou
 
 # Device status codes (csrc/cuda/splitzip_cuda.h, enum SzStatus), ordered like the checks of FORMAT.md §6.
 ST_OK = 0
-ST_HEADER_FIRST, ST_HEADER_LAST = 1, 17   # header problems (steps 1-3): parse_header() words them
-ST_DST_DTYPE = 18
-ST_DST_COUNT = 19
-ST_ESC_SUM = 20
-ST_ESC_COUNT = 21
-ST_ESC_POS = 22
-ST_CHECKSUM = 23
+ST_HEADER_FIRST, ST_HEADER_LAST = 1, 20   # header problems (steps 1-3, transfer tag included): parse_header()
+ST_DST_DTYPE = 21                         # words them
+ST_DST_COUNT = 22
+ST_ESC_SUM = 23
+ST_ESC_COUNT = 24
+ST_ESC_POS = 25
+ST_CHECKSUM = 26
 
 _ALIGN = 16
 
 
 def status_error_message(code: int, aux: int, header: bytes, payload_len: int, dtype: int,
-                         n_elems: int) -> str | None:
+                         n_elems: int, tag: int = 0) -> str | None:
     """Message of the :class:`PayloadError` for a device decode status (None for OK).
 
-    ``header`` holds the payload's first ``min(64, payload_len)`` bytes; the messages are those of
-    ``splitzip_vllm.codec.reference.decode`` for the same payload and destination.
+    ``header`` holds the payload's first ``min(96, payload_len)`` bytes, ``tag`` is the transfer tag the decode
+    expected; the messages are those of ``splitzip_vllm.codec.reference.decode`` for the same payload,
+    destination and tag.
     """
     from ..reference import check_destination
 
@@ -62,12 +65,12 @@ def status_error_message(code: int, aux: int, header: bytes, payload_len: int, d
         return None
     if ST_HEADER_FIRST <= code <= ST_HEADER_LAST:
         try:
-            parse_header(header, payload_len)
+            parse_header(header, payload_len, tag)
         except PayloadError as e:
             return str(e)
         return f"payload header rejected on the device (status {code})"
     try:
-        hdr = parse_header(header, payload_len)
+        hdr = parse_header(header, payload_len, tag)
     except PayloadError as e:  # cannot happen for codes >= 18 (the device validated the header)
         return str(e)
     if code in (ST_DST_DTYPE, ST_DST_COUNT):
@@ -141,43 +144,47 @@ class CudaBackend(CodecBackend):
 
     # ---- encode ---------------------------------------------------------------------------------------------
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                    chunk_log2: int, out: torch.Tensor) -> None:
+                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
         ext = self._ext()
+        check_tag(tag)
         if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous():
             raise ValueError("the cuda codec backend encodes into a contiguous uint8 CUDA tensor")
         regs = _cuda_regions(regions, out.device)
         cb = list(codebook.exponents) if codebook is not None else None
         flat = out.reshape(-1)
         if _aligned(flat):
-            ext.encode(regs, dtype, cb, chunk_log2, flat)
+            ext.encode(regs, dtype, cb, chunk_log2, flat, tag)
             return
         n = sum(r.numel() for r in regs)
         cap = encode_capacity(n, element_size(dtype))
         if flat.numel() < cap:
             raise ValueError(f"output buffer holds {flat.numel()} bytes, encode needs {cap}")
         tmp = torch.empty(cap, dtype=torch.uint8, device=out.device)
-        ext.encode(regs, dtype, cb, chunk_log2, tmp)
+        ext.encode(regs, dtype, cb, chunk_log2, tmp, tag)
         flat[:cap].copy_(tmp)
 
     def encode_table_into(self, ptrs: torch.Tensor, prefix: torch.Tensor | None, region_elems: int, n_elems: int,
-                          dtype: int, codebook: Codebook | None, chunk_log2: int, out: torch.Tensor) -> None:
+                          dtype: int, codebook: Codebook | None, chunk_log2: int, out: torch.Tensor,
+                          tag: int = 0) -> None:
         """``encode_into`` over a device table of region base addresses (see the module docstring)."""
         ext = self._ext()
+        check_tag(tag)
         if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous() or not _aligned(out):
             raise ValueError("encode_table_into needs a contiguous, 16-byte aligned uint8 CUDA output tensor")
         cb = list(codebook.exponents) if codebook is not None else None
-        ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1))
+        ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1), tag)
 
     # ---- decode ---------------------------------------------------------------------------------------------
-    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                    tag: int = 0) -> None:
         """Decode and wait for the verdict: raises :class:`PayloadError` (synchronises the stream)."""
         if not regions:
             raise ValueError("no destination regions given")
-        status = self.decode_into_async(payload, regions, dtype)
-        self.raise_for_status(status, payload, dtype, sum(r.numel() for r in regions))
+        status = self.decode_into_async(payload, regions, dtype, tag=tag)
+        self.raise_for_status(status, payload, dtype, sum(r.numel() for r in regions), tag)
 
     def decode_into_async(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
-                          status: torch.Tensor | None = None) -> torch.Tensor:
+                          status: torch.Tensor | None = None, tag: int = 0) -> torch.Tensor:
         """Enqueue the decode on the current stream; returns the device status tensor (int32[4], 0 = OK).
 
         No host synchronisation (CUDA-graph and side-stream safe apart from the pinned region-table copy made for
@@ -186,6 +193,7 @@ class CudaBackend(CodecBackend):
         read ``status[0]`` on the device.
         """
         ext = self._ext()
+        check_tag(tag)
         if not regions:
             raise ValueError("no destination regions given")
         dev = regions[0].device
@@ -196,23 +204,26 @@ class CudaBackend(CodecBackend):
             if not r.is_contiguous():
                 raise ValueError("decode destinations must be contiguous (the api stages non-contiguous ones)")
         flat = _flat_payload(payload, dev)
-        return ext.decode(flat, flat.numel(), regs, dtype, status)
+        return ext.decode(flat, flat.numel(), regs, dtype, status, tag)
 
     def decode_table_into_async(self, payload: torch.Tensor, ptrs: torch.Tensor, prefix: torch.Tensor | None,
                                 region_elems: int, n_elems: int, dtype: int,
-                                status: torch.Tensor | None = None) -> torch.Tensor:
+                                status: torch.Tensor | None = None, tag: int = 0) -> torch.Tensor:
         """``decode_into_async`` into a device table of region base addresses (see the module docstring)."""
         ext = self._ext()
+        check_tag(tag)
         flat = _flat_payload(payload, ptrs.device)
-        return ext.decode_ptrs(flat, flat.numel(), ptrs, prefix, region_elems, n_elems, dtype, status)
+        return ext.decode_ptrs(flat, flat.numel(), ptrs, prefix, region_elems, n_elems, dtype, status, tag)
 
     @staticmethod
-    def raise_for_status(status: torch.Tensor, payload: torch.Tensor, dtype: int, n_elems: int) -> None:
-        """Synchronise on ``status`` and raise :class:`PayloadError` when the decode failed."""
+    def raise_for_status(status: torch.Tensor, payload: torch.Tensor, dtype: int, n_elems: int,
+                         tag: int = 0) -> None:
+        """Synchronise on ``status`` and raise :class:`PayloadError` when the decode failed (``tag``: the
+        transfer tag the decode expected)."""
         code, aux = _status_values(status)
         if code == ST_OK:
             return
         flat = payload.reshape(-1)
         header = flat[:HEADER_BYTES].cpu().numpy().tobytes()
-        msg = status_error_message(code, aux, header, flat.numel(), dtype, n_elems)
+        msg = status_error_message(code, aux, header, flat.numel(), dtype, n_elems, tag)
         raise PayloadError(msg)
