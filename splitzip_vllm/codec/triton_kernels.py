@@ -1,4 +1,4 @@
-"""Triton kernels of the SplitZip codec (wire format v1, ``docs/FORMAT.md``).
+"""Triton kernels of the SplitZip codec (wire format v2, reads v1 too; ``docs/FORMAT.md``).
 
 Imported lazily by :mod:`splitzip_vllm.codec.backends.triton_backend`; importing this module needs a working
 ``triton``. Whether the kernels are compiled or interpreted is fixed when this module is imported
@@ -19,9 +19,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-HEADER_BYTES = 64
+from . import format as _fmt
+
+# what encoders write (decoders take the payload's header length ``hb``: 64 for format v1, 96 for v2)
+HEADER_BYTES = tl.constexpr(_fmt.HEADER_BYTES)
+FORMAT_VERSION = tl.constexpr(_fmt.VERSION)
 _NOSPEC = dict(do_not_specialize=["R", "n", "nb", "n_tiles", "n_chunks", "chunk_log2", "off_codes", "off_counts",
-                                  "off_pos", "off_exp", "dtype_code", "n_codes", "n_esc"])
+                                  "off_pos", "off_exp", "dtype_code", "n_codes", "n_esc", "tag"])
 
 
 def _jit(fn):
@@ -111,21 +115,24 @@ def _put(v, k, off: tl.constexpr, size: tl.constexpr, val):
 
 
 @triton.jit
-def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_esc, body, ck_a, ck_b,
+def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_esc, body, ck_a, ck_b, tag,
                   HAS_CB: tl.constexpr):
-    """Write the 64 header bytes (FORMAT.md §1) including the CRC-32, from one program.
+    """Write the 96 header bytes (FORMAT.md §1, version 2) including the transfer tag and the CRC-32, from one
+    program (128 lanes, the last 32 masked off).
 
-    ``exp4`` is a scalar flag; RAW headers zero the coding fields. The CRC is affine in the message bits:
-    crc32(m) = crc32(0^64) ^ XOR over set bits (i, j) of dtab[i*8 + j]; dtab[512] = crc32(0^64).
+    ``exp4`` is a scalar flag; RAW headers zero the coding fields; ``ext`` stays zero. The CRC is affine in the
+    message bits: crc32(m) = crc32(0^96) ^ XOR over set bits (i, j) of dtab[i*8 + j]; dtab[768] = crc32(0^96).
+    ``tag`` is the u64 transfer tag as a two's-complement int64.
     """
-    k = tl.arange(0, 64).to(tl.int64)
-    zero = tl.zeros([64], tl.int64)
+    k = tl.arange(0, 128).to(tl.int64)
+    inside = k < HEADER_BYTES
+    zero = tl.zeros([128], tl.int64)
     v = zero
     v = tl.where(k == 0, 0x53, v)
     v = tl.where(k == 1, 0x5A, v)
     v = tl.where(k == 2, 0x4B, v)
     v = tl.where(k == 3, 0x56, v)
-    v = tl.where(k == 4, 1, v)
+    v = tl.where(k == 4, FORMAT_VERSION, v)
     v = tl.where(k == 5, dtype_code, v)
     if HAS_CB:
         # vector mask & scalar flag spelled with int32 (the interpreter mistypes the plain &)
@@ -142,13 +149,14 @@ def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_es
     v = _put(v, k, 48, 8, body)
     v = _put(v, k, 56, 4, ck_a)
     v = _put(v, k, 60, 4, ck_b)
+    v = _put(v, k, 64, 8, tag.to(tl.int64))
     j = tl.arange(0, 8)
     bits = (v[:, None] >> j[None, :]) & 1
-    d = tl.load(dtab + k[:, None] * 8 + j[None, :])
+    d = tl.load(dtab + k[:, None] * 8 + j[None, :], mask=inside[:, None], other=0)
     crc = tl.reduce(tl.reduce(tl.where(bits != 0, d, 0), 1, _xor_combine), 0, _xor_combine)
-    crc = crc ^ tl.load(dtab + 512)
+    crc = crc ^ tl.load(dtab + HEADER_BYTES * 8)
     v = _put(v, k, 12, 4, crc)
-    tl.store(out + k, v.to(tl.uint8))
+    tl.store(out + k, v.to(tl.uint8), mask=inside)
 
 
 # --------------------------------------------------------------------------------------------- RAW
@@ -156,7 +164,7 @@ def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_es
 @_jit
 def raw_encode_kernel(x0, ptrs, starts, R, nb, out, ck, MULTI: tl.constexpr, ALIGN: tl.constexpr,
                       TILE: tl.constexpr):
-    """Copy bytes of the regions to the body (out + 64) and write this tile's checksum terms."""
+    """Copy bytes of the regions to the body (out + HEADER_BYTES) and write this tile's checksum terms."""
     t = tl.program_id(0)
     lo = t.to(tl.int64) * TILE
     hi = tl.minimum(lo + TILE, nb.to(tl.int64))
@@ -171,15 +179,16 @@ def raw_encode_kernel(x0, ptrs, starts, R, nb, out, ck, MULTI: tl.constexpr, ALI
 
 
 @_jit
-def raw_decode_kernel(payload, y0, ptrs, starts, R, nb, ck, MULTI: tl.constexpr, ALIGN: tl.constexpr,
+def raw_decode_kernel(payload, hb, y0, ptrs, starts, R, nb, ck, MULTI: tl.constexpr, ALIGN: tl.constexpr,
                       TILE: tl.constexpr):
-    """Copy the RAW body into the regions and write this tile's checksum terms."""
+    """Copy the RAW body (at payload + hb, the payload's header length) into the regions and write this tile's
+    checksum terms."""
     t = tl.program_id(0)
     lo = t.to(tl.int64) * TILE
     hi = tl.minimum(lo + TILE, nb.to(tl.int64))
     idx = lo + tl.arange(0, TILE)
     valid = idx < hi
-    b = tl.load(payload + HEADER_BYTES + idx, mask=valid, other=0)
+    b = tl.load(payload + hb + idx, mask=valid, other=0)
     _scatter(y0, ptrs, starts, R, idx, b, valid, lo, hi, tl.uint8, MULTI, ALIGN)
     bi = b.to(tl.int64)
     M32 = tl.full([], 4294967295, tl.int64)
@@ -188,13 +197,13 @@ def raw_decode_kernel(payload, y0, ptrs, starts, R, nb, ck, MULTI: tl.constexpr,
 
 
 @_jit
-def raw_header_kernel(out, dtab, sums, dtype_code, n, nb):
+def raw_header_kernel(out, dtab, sums, dtype_code, n, nb, tag):
     """Header of a RAW payload (after raw_encode_kernel and the device-side sum of its terms)."""
     M32 = tl.full([], 4294967295, tl.int64)
     a = tl.load(sums) & M32
     b = tl.load(sums + 1) & M32
     n64 = n.to(tl.int64)
-    _write_header(out, dtab, dtab, False, dtype_code, 0, 0, n64, n64 * 0, nb.to(tl.int64), a, b, False)
+    _write_header(out, dtab, dtab, False, dtype_code, 0, 0, n64, n64 * 0, nb.to(tl.int64), a, b, tag, False)
 
 
 # --------------------------------------------------------------------------------------------- EXP4 encode
@@ -231,7 +240,7 @@ def exp4_encode_pass1(x0, ptrs, starts, R, n, out, cbt, cnt, ck, off_codes,
 
 @_jit
 def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n_tiles, n_chunks, chunk_log2,
-                      n_codes, off_codes, off_counts, off_pos, MULTI: tl.constexpr, ALIGN: tl.constexpr,
+                      n_codes, off_codes, off_counts, off_pos, tag, MULTI: tl.constexpr, ALIGN: tl.constexpr,
                       TILE: tl.constexpr):
     """Decide EXP4 vs RAW on the device from the escape total; then per tile either scatter its escapes (and
     the chunk count when it starts a chunk) or copy its raw bytes. Program 0 writes the header and zero gaps."""
@@ -247,7 +256,7 @@ def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n
         a = tl.load(sums) & M32
         b = tl.load(sums + 1) & M32
         _write_header(out, dtab, cbt, exp4, 1, n_codes, chunk_log2, n64, tl.where(exp4, n_esc, 0),
-                      tl.where(exp4, body_len, 2 * n64), a, b, True)
+                      tl.where(exp4, body_len, 2 * n64), a, b, tag, True)
         if exp4:
             g = tl.arange(0, 16).to(tl.int64)
             zero = tl.zeros([16], tl.uint8)
@@ -294,7 +303,7 @@ def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n
 # --------------------------------------------------------------------------------------------- EXP4 decode
 
 @_jit
-def exp4_validate_kernel(payload, counts, incl, err, n, n_esc, chunk_log2, off_pos, EB: tl.constexpr):
+def exp4_validate_kernel(payload, hb, counts, incl, err, n, n_esc, chunk_log2, off_pos, EB: tl.constexpr):
     """Per chunk: bit 0 = count exceeds chunk length, bit 1 = position outside chunk, bit 2 = positions not
     strictly ascending. Reads only escape entries with index < n_esc (inside the payload)."""
     c = tl.program_id(0)
@@ -305,7 +314,7 @@ def exp4_validate_kernel(payload, counts, incl, err, n, n_esc, chunk_log2, off_p
     cc = tl.load(counts + c)
     base = tl.load(incl + c) - cc
     cc_chk = tl.minimum(cc, clen)  # a longer list is an error already; bounded work per chunk
-    pos = payload + HEADER_BYTES + off_pos
+    pos = payload + hb + off_pos
     bad_pos = tl.zeros([EB], tl.int32)
     bad_ord = tl.zeros([EB], tl.int32)
     for j0 in range(0, cc_chk, EB):
@@ -324,7 +333,7 @@ def exp4_validate_kernel(payload, counts, incl, err, n, n_esc, chunk_log2, off_p
 
 
 @_jit
-def exp4_decode_dense(payload, y0, ptrs, starts, R, n, okp, ck, off_codes, MULTI: tl.constexpr,
+def exp4_decode_dense(payload, hb, y0, ptrs, starts, R, n, okp, ck, off_codes, MULTI: tl.constexpr,
                       ALIGN: tl.constexpr, TILE: tl.constexpr):
     """Per tile: x = sm + codebook[code] exponent, stored to the regions (only when the escape table
     validated); checksum terms of the dense values."""
@@ -334,7 +343,7 @@ def exp4_decode_dense(payload, y0, ptrs, starts, R, n, okp, ck, off_codes, MULTI
     hi = tl.minimum(lo + TILE, n64)
     idx = lo + tl.arange(0, TILE)
     valid = idx < hi
-    body = payload + HEADER_BYTES
+    body = payload + hb
     sm = tl.load(body + idx, mask=valid, other=0).to(tl.int32)
     cb = tl.load(body + off_codes + idx // 2, mask=valid, other=0).to(tl.int32)
     code = (cb >> ((idx & 1) * 4).to(tl.int32)) & 0xF
@@ -353,7 +362,7 @@ def exp4_decode_dense(payload, y0, ptrs, starts, R, n, okp, ck, off_codes, MULTI
 
 
 @_jit
-def exp4_decode_patch(payload, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
+def exp4_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
                       off_pos, off_exp, MULTI: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr):
     """Per chunk: overwrite its escaped elements with their raw exponents (after exp4_decode_dense, only when the
     escape table validated) and write the checksum change this makes (positions are unique: validated)."""
@@ -365,7 +374,7 @@ def exp4_decode_patch(payload, y0, ptrs, starts, R, n, n_esc, okp, counts, incl,
     ok = tl.load(okp) != 0
     cc = tl.where(ok, tl.load(counts + c), 0)
     base = tl.load(incl + c) - tl.load(counts + c)
-    body = payload + HEADER_BYTES
+    body = payload + hb
     M32 = tl.full([], 4294967295, tl.int64)
     da = tl.zeros([EB], tl.int64)
     db = tl.zeros([EB], tl.int64)

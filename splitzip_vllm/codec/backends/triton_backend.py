@@ -1,5 +1,5 @@
-"""Triton codec backend: FORMAT.md v1 payloads, byte-identical to ``reference``, for GPUs without the CUDA
-extension (and for CPU tensors under ``TRITON_INTERPRET=1``, which is how it is tested without a GPU).
+"""Triton codec backend: FORMAT.md v2 payloads (v1 decoded too), byte-identical to ``reference``, for GPUs without
+the CUDA extension (and for CPU tensors under ``TRITON_INTERPRET=1``, which is how it is tested without a GPU).
 
 Importing this module never imports triton; the kernels (``..triton_kernels``) load on first use.
 
@@ -16,7 +16,8 @@ pinned memory without blocking, and, once per device and codebook, two small con
   device from pinned memory, non-blocking); the regions are never concatenated. One region is passed directly.
 RAW payloads (other dtypes, no codebook, or too small to gain): ``raw_encode_kernel`` + sum + ``raw_header_kernel``.
 
-Decode: one 64-byte device-to-host copy for the header (validated on the host with ``format.parse_header``);
+Decode: one 96-byte device-to-host copy for the header (validated on the host with ``format.parse_header``, the
+transfer tag included, before any kernel runs);
 the escape table is validated on the device (``exp4_validate_kernel``) into an ``ok`` flag that masks every
 store of the decode kernels, so a corrupted table writes nothing; the dense kernel writes all elements, the patch
 kernel overwrites the escaped ones and accounts for the checksum change; one final device-to-host copy brings the
@@ -37,8 +38,8 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, element_size, encode_capacity,
-                      exp4_allowed, parse_header)
+from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, check_tag, element_size,
+                      encode_capacity, exp4_allowed, parse_header)
 from ..reference import check_destination
 from . import BackendUnavailableError, CodecBackend, register
 
@@ -99,7 +100,8 @@ _const_cache: dict[tuple, torch.Tensor] = {}
 
 
 def _crc_table(device: torch.device) -> torch.Tensor:
-    """int64[513]: crc32 contribution of each header bit (64 bytes x 8 bits), then crc32(64 zero bytes)."""
+    """int64[8 * HEADER_BYTES + 1]: crc32 contribution of each header bit (96 bytes x 8 bits), then crc32 of
+    96 zero bytes."""
     key = ("crc", str(device))
     t = _const_cache.get(key)
     if t is None:
@@ -175,6 +177,11 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _i64(tag: int) -> int:
+    """A u64 transfer tag as the two's-complement int64 the kernels take."""
+    return check_tag(tag) - (1 << 64) if tag >= 1 << 63 else check_tag(tag)
+
+
 @register
 class TritonBackend(CodecBackend):
     name = "triton"
@@ -198,7 +205,8 @@ class TritonBackend(CodecBackend):
     # ------------------------------------------------------------------------------------------ encode
 
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
-                    chunk_log2: int, out: torch.Tensor) -> None:
+                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
+        tag = _i64(tag)
         esize = element_size(dtype)
         n = sum(r.numel() for r in regions)
         if out.dtype != torch.uint8 or not out.is_contiguous():
@@ -216,11 +224,11 @@ class TritonBackend(CodecBackend):
         with _device_ctx(device):
             if (codebook is not None and exp4_allowed(dtype) and n > 0
                     and Exp4Layout.compute(n, chunk_log2, 0).body_bytes < n * esize):
-                self._encode_exp4(K, regions, n, codebook, chunk_log2, out)
+                self._encode_exp4(K, regions, n, codebook, chunk_log2, out, tag)
             else:
-                self._encode_raw(K, regions, dtype, n, out)
+                self._encode_raw(K, regions, dtype, n, out, tag)
 
-    def _encode_raw(self, K, regions, dtype, n, out) -> None:
+    def _encode_raw(self, K, regions, dtype, n, out, tag) -> None:
         device = out.device
         nb = n * element_size(dtype)
         if nb == 0:
@@ -232,9 +240,9 @@ class TritonBackend(CodecBackend):
             K.raw_encode_kernel[(tiles,)](*reg.args(), nb, out, ck, MULTI=reg.multi, ALIGN=reg.align,
                                           TILE=_tiles()["raw"])
             sums = ck.sum(0)
-        K.raw_header_kernel[(1,)](out, _crc_table(device), sums, dtype, n, nb)
+        K.raw_header_kernel[(1,)](out, _crc_table(device), sums, dtype, n, nb, tag)
 
-    def _encode_exp4(self, K, regions, n, codebook, chunk_log2, out) -> None:
+    def _encode_exp4(self, K, regions, n, codebook, chunk_log2, out, tag) -> None:
         device = out.device
         reg = _Regions(regions, torch.int16, device)
         tile = min(1 << chunk_log2, _tiles()["exp4"])
@@ -249,18 +257,20 @@ class TritonBackend(CodecBackend):
         sums = ck.sum(0)
         K.exp4_encode_pass2[(n_tiles,)](*reg.args(), n, out, cbt, _crc_table(device), cnt, incl, sums, n_tiles,
                                         lay.n_chunks, chunk_log2, codebook.n_codes, lay.off_codes,
-                                        lay.off_counts, lay.off_pos, MULTI=reg.multi, ALIGN=reg.align,
+                                        lay.off_counts, lay.off_pos, tag, MULTI=reg.multi, ALIGN=reg.align,
                                         TILE=tile)
 
     # ------------------------------------------------------------------------------------------ decode
 
-    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int) -> None:
+    def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
+                    tag: int = 0) -> None:
+        check_tag(tag)
         if payload.dtype != torch.uint8:
             raise PayloadError(f"a payload is a uint8 buffer, got dtype {payload.dtype}")
         payload = payload.reshape(-1)
         if not payload.is_contiguous():
             payload = payload.contiguous()
-        hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel())
+        hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel(), tag)
         n = sum(r.numel() for r in regions)
         check_destination(hdr, dtype, n)
         device = payload.device
@@ -288,8 +298,8 @@ class TritonBackend(CodecBackend):
         nb = hdr.body_bytes
         tiles = _cdiv(nb, _tiles()["raw"])
         ck = torch.empty(tiles, 2, dtype=torch.int64, device=device)
-        K.raw_decode_kernel[(tiles,)](payload, *reg.args(), nb, ck, MULTI=reg.multi, ALIGN=reg.align,
-                                      TILE=_tiles()["raw"])
+        K.raw_decode_kernel[(tiles,)](payload, hdr.header_bytes, *reg.args(), nb, ck, MULTI=reg.multi,
+                                      ALIGN=reg.align, TILE=_tiles()["raw"])
         a, b = (ck.sum(0) & 0xFFFFFFFF).tolist()
         self._check_sums(hdr, a, b)
 
@@ -298,12 +308,13 @@ class TritonBackend(CodecBackend):
         n, cl, m = hdr.n_elems, hdr.chunk_log2, hdr.n_escapes
         lay = Exp4Layout.compute(n, cl, m)
         reg = _Regions(regions, torch.int16, device)
-        body = payload[HEADER_BYTES:HEADER_BYTES + hdr.body_bytes]
+        hb = hdr.header_bytes
+        body = payload[hb:hb + hdr.body_bytes]
         cb = body[lay.off_counts:lay.off_counts + 2 * lay.n_chunks].view(lay.n_chunks, 2).to(torch.int64)
         counts = cb[:, 0] | (cb[:, 1] << 8)
         incl = torch.cumsum(counts, 0)
         err = torch.empty(lay.n_chunks, dtype=torch.int32, device=device)
-        K.exp4_validate_kernel[(lay.n_chunks,)](payload, counts, incl, err, n, m, cl, lay.off_pos,
+        K.exp4_validate_kernel[(lay.n_chunks,)](payload, hb, counts, incl, err, n, m, cl, lay.off_pos,
                                                 EB=_tiles()["esc"])
         total = incl[-1:]
         errbits = ((err[:, None] >> torch.arange(3, device=device, dtype=torch.int32)) & 1).amax(0).to(torch.int64)
@@ -311,9 +322,9 @@ class TritonBackend(CodecBackend):
         tile = min(1 << cl, _tiles()["exp4"])
         n_tiles = _cdiv(n, tile)
         ck = torch.empty(n_tiles + lay.n_chunks, 2, dtype=torch.int64, device=device)
-        K.exp4_decode_dense[(n_tiles,)](payload, *reg.args(), n, ok, ck, lay.off_codes, MULTI=reg.multi,
+        K.exp4_decode_dense[(n_tiles,)](payload, hb, *reg.args(), n, ok, ck, lay.off_codes, MULTI=reg.multi,
                                         ALIGN=reg.align, TILE=tile)
-        K.exp4_decode_patch[(lay.n_chunks,)](payload, *reg.args(), n, m, ok, counts, incl, ck[n_tiles:], cl,
+        K.exp4_decode_patch[(lay.n_chunks,)](payload, hb, *reg.args(), n, m, ok, counts, incl, ck[n_tiles:], cl,
                                              lay.off_codes, lay.off_pos, lay.off_exp, MULTI=reg.multi,
                                              ALIGN=reg.align, EB=_tiles()["esc"])
         sums = ck.sum(0) & 0xFFFFFFFF
