@@ -159,28 +159,53 @@ def expected_payload_len(t: torch.Tensor, cb: Codebook | None, chunk_log2: int) 
 # ---------------------------------------------------------------------------------------------------------------
 # payload surgery
 # ---------------------------------------------------------------------------------------------------------------
-HDR = struct.Struct("<4sBBBBBBHI16sQQQII")
-FIELDS = ("magic", "version", "dtype", "mode", "code_bits", "n_codes", "chunk_log2", "reserved", "crc",
-          "codebook", "n_elems", "n_escapes", "body_bytes", "checksum_a", "checksum_b")
+# written from FORMAT.md §1, independently of splitzip_vllm.codec.format: bytes 0..63 (version 1 ends there),
+# then version 2's transfer_tag and ext
+HDR_V1 = struct.Struct("<4sBBBBBBHI16sQQQII")
+HDR = struct.Struct("<4sBBBBBBHI16sQQQIIQ24s")
+FIELDS_V1 = ("magic", "version", "dtype", "mode", "code_bits", "n_codes", "chunk_log2", "reserved", "crc",
+             "codebook", "n_elems", "n_escapes", "body_bytes", "checksum_a", "checksum_b")
+FIELDS = FIELDS_V1 + ("transfer_tag", "ext")
+
+
+def _layout(version: int) -> tuple[struct.Struct, tuple[str, ...]]:
+    return (HDR_V1, FIELDS_V1) if version == 1 else (HDR, FIELDS)
 
 
 def header_fields(payload: bytes | bytearray) -> dict:
-    return dict(zip(FIELDS, HDR.unpack(bytes(payload[:HEADER_BYTES]))))
+    st, names = _layout(payload[4])
+    return dict(zip(names, st.unpack(bytes(payload[:st.size]))))
 
 
 def reseal(buf: bytearray) -> bytearray:
-    """Recompute the header CRC of ``buf`` in place (zlib.crc32 with the CRC field zeroed)."""
+    """Recompute the header CRC of ``buf`` in place (zlib.crc32 with the CRC field zeroed) over the header length
+    of the version byte in ``buf`` (64 for version 1, else 96)."""
+    hb = _layout(buf[4])[0].size
     buf[12:16] = b"\0\0\0\0"
-    buf[12:16] = struct.pack("<I", zlib.crc32(bytes(buf[:HEADER_BYTES])) & 0xFFFFFFFF)
+    buf[12:16] = struct.pack("<I", zlib.crc32(bytes(buf[:hb])) & 0xFFFFFFFF)
     return buf
 
 
 def with_fields(payload: bytes | bytearray, seal: bool = True, **fields) -> bytearray:
+    """``payload`` with header fields replaced (packed in the layout of the payload's own version)."""
+    st, names = _layout(payload[4])
     f = header_fields(payload)
     f.update(fields)
     buf = bytearray(payload)
-    buf[:HEADER_BYTES] = HDR.pack(*(f[k] for k in FIELDS))
+    buf[:st.size] = st.pack(*(f[k] for k in names))
     return reseal(buf) if seal else buf
+
+
+def to_v1(payload: bytes | bytearray | torch.Tensor) -> bytearray:
+    """The format-v1 payload of the same data: bytes 0..63 of a (v2) payload's header with version 1, resealed
+    over 64 bytes, then the body (FORMAT.md §8). The v2 payload's transfer tag is dropped."""
+    if isinstance(payload, torch.Tensor):
+        payload = payload.cpu().numpy().tobytes()
+    f = header_fields(payload)
+    assert f["version"] == 2
+    f["version"] = 1
+    head = bytearray(HDR_V1.pack(*(f[k] for k in FIELDS_V1)))
+    return reseal(head + bytes(payload[HDR.size:]))
 
 
 def to_tensor(buf: bytes | bytearray | Sequence[int]) -> torch.Tensor:

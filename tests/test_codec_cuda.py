@@ -127,7 +127,7 @@ def test_device_pointer_tables():
     cap = encode_capacity(n, 2)
     out = torch.empty(cap, dtype=torch.uint8, device=DEV)
     BE.encode_table_into(ptrs, None, 4096, n, BF16, BOOK, 12, out)
-    length = parse_header(out[:64].cpu().numpy().tobytes()).payload_bytes
+    length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
     ref = reference.encode([p.cpu() for p in pages], BF16, BOOK, 12)
     assert torch.equal(out[:length].cpu(), ref)
     dst = [torch.empty_like(p) for p in pages]
@@ -143,7 +143,7 @@ def test_device_pointer_tables():
     n = sum(sizes)
     out = torch.empty(encode_capacity(n, 2), dtype=torch.uint8, device=DEV)
     BE.encode_table_into(ptrs, prefix, 0, n, BF16, BOOK, 12, out)
-    length = parse_header(out[:64].cpu().numpy().tobytes()).payload_bytes
+    length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
     assert torch.equal(out[:length].cpu(), reference.encode([p.cpu() for p in parts], BF16, BOOK, 12))
 
 
@@ -178,10 +178,10 @@ def test_corrupted_payloads_match_reference_errors():
     n = 9001
     x = kv_like(n, seed=21, outliers=0.02).cpu()
     payload = reference.encode([x], BF16, BOOK, 8)
-    hdr = parse_header(payload[:64].numpy().tobytes())
+    hdr = parse_header(payload[:HEADER_BYTES].numpy().tobytes())
     lay = Exp4Layout.compute(n, 8, hdr.n_escapes)
     body = HEADER_BYTES
-    spans = [(0, 64), (body, body + n), (body + lay.off_codes, body + lay.off_counts),
+    spans = [(0, HEADER_BYTES), (body, body + n), (body + lay.off_codes, body + lay.off_counts),
              (body + lay.off_counts, body + lay.off_pos), (body + lay.off_pos, body + lay.off_exp),
              (body + lay.off_exp, body + lay.body_bytes)]
     g = torch.Generator().manual_seed(99)
@@ -199,7 +199,7 @@ def test_corrupted_payloads_match_reference_errors():
     p = payload.clone()
     p[body + lay.off_pos:body + lay.off_pos + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)
     assert _cuda_verdict(p, BF16, n) == _reference_verdict(p, BF16, n)
-    for plen in (0, 10, 63, 64, payload.numel() - 1):
+    for plen in (0, 10, 63, 64, 95, 96, payload.numel() - 1):
         assert _cuda_verdict(payload[:plen], BF16, n) == _reference_verdict(payload[:plen], BF16, n)
     assert _cuda_verdict(payload, BF16, n - 1) == _reference_verdict(payload, BF16, n - 1)
     assert _cuda_verdict(payload, 2, n, torch_dtype=torch.float16) == _reference_verdict(payload, 2, n)
@@ -260,7 +260,7 @@ def test_no_host_sync_and_graph_capture():
     out2.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    length = parse_header(out[:64].cpu().numpy().tobytes()).payload_bytes
+    length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
     assert torch.equal(out2[:length], out[:length])
     assert int(st2[0].item()) == 0
     assert torch.equal(y2, x)

@@ -4,7 +4,8 @@ No GPU needed: ``csrc/cuda/splitzip_cuda.cu`` is built as C++ with ``-DSPLITZIP_
 fibers per block with real barrier / warp-shuffle semantics, blocks on several OS threads so look-backs see
 other blocks in flight) and driven through its C launchers with ctypes; "device" memory is host memory. The
 payloads must be byte-identical to ``splitzip_vllm.codec.reference``, decoding must restore the data, and every
-corrupted payload must give the reference decoder's error without a write outside the destination.
+corrupted payload must give the reference decoder's error without a write outside the destination; a payload of
+another transfer (FORMAT.md §6a) must be refused without any write.
 tests/test_codec_cuda.py runs the same kind of checks on a real GPU through the torch extension.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pytest
 import torch
 
 from _codec_util import channel_kv_bf16 as kv_like
+from _codec_util import to_v1, with_fields
 from splitzip_vllm.codec import reference
+from splitzip_vllm.codec.backends import cuda_backend
 from splitzip_vllm.codec.backends.cuda_backend import status_error_message
 from splitzip_vllm.codec.codebook import Codebook
 from splitzip_vllm.codec.format import HEADER_BYTES, PayloadError, encode_capacity, parse_header
@@ -50,12 +53,12 @@ def lib(tmp_path_factory):
     so = ctypes.CDLL(str(out))
     P = ctypes.POINTER(SzRegions)
     so.splitzip_cuda_encode.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
-                                        ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
-                                        ctypes.c_void_p]
+                                        ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                                        ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_encode_workspace_bytes.restype = ctypes.c_size_t
     so.splitzip_cuda_encode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    so.splitzip_cuda_decode.argtypes = [ctypes.c_void_p, ctypes.c_uint64, P, ctypes.c_int, ctypes.c_void_p,
-                                        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    so.splitzip_cuda_decode.argtypes = [ctypes.c_void_p, ctypes.c_uint64, P, ctypes.c_int, ctypes.c_uint64,
+                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_decode_workspace_bytes.restype = ctypes.c_size_t
     so.splitzip_cuda_decode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int]
     so.splitzip_cuda_status_message.restype = ctypes.c_char_p
@@ -98,7 +101,7 @@ def aligned_empty(nbytes: int, fill: int | None = None) -> torch.Tensor:
     return v
 
 
-def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False) -> torch.Tensor:
+def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False, tag=0) -> torch.Tensor:
     tb = Table(regions, force_prefix)
     n = tb.s.n
     esize = regions[0].element_size() if regions else 2
@@ -108,7 +111,7 @@ def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False) -> 
     ws = aligned_empty(wsb + 256, fill=0x5A)
     cb = bytes(codebook.exponents) if codebook else None
     rc = so.splitzip_cuda_encode(ctypes.byref(tb.s), dtype, cb, codebook.n_codes if codebook else 0, chunk_log2,
-                                 out.data_ptr(), cap, ws.data_ptr(), wsb, None)
+                                 tag, out.data_ptr(), cap, ws.data_ptr(), wsb, None)
     assert rc == 0, rc
     assert bool((out[cap:] == 0xA5).all()), "encode wrote past encode_capacity"
     assert bool((ws[wsb:] == 0x5A).all()), "encode wrote past its workspace"
@@ -117,7 +120,7 @@ def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False) -> 
     return out[:length].clone()
 
 
-def emu_decode(so, payload: torch.Tensor, regions, dtype, payload_len=None, force_prefix=False):
+def emu_decode(so, payload: torch.Tensor, regions, dtype, payload_len=None, force_prefix=False, tag=0):
     """Returns (code, aux) of the device status."""
     tb = Table(regions, force_prefix)
     p = aligned_empty(max(payload.numel(), 1))
@@ -126,20 +129,20 @@ def emu_decode(so, payload: torch.Tensor, regions, dtype, payload_len=None, forc
     wsb = so.splitzip_cuda_decode_workspace_bytes(tb.s.n, dtype)
     ws = aligned_empty(wsb + 64, fill=0x5A)
     st = torch.full((4,), -1, dtype=torch.int32)
-    rc = so.splitzip_cuda_decode(p.data_ptr(), plen, ctypes.byref(tb.s), dtype, st.data_ptr(), ws.data_ptr(), wsb,
-                                 None)
+    rc = so.splitzip_cuda_decode(p.data_ptr(), plen, ctypes.byref(tb.s), dtype, tag, st.data_ptr(), ws.data_ptr(),
+                                 wsb, None)
     assert rc == 0, rc
     assert bool((ws[wsb:] == 0x5A).all()), "decode wrote past its workspace"
     s = [int(v) & 0xFFFFFFFF for v in st.tolist()]
     return s[0], s[1] | (s[2] << 32)
 
 
-def check_roundtrip(so, regions, codebook=BOOK, chunk_log2=12, dtype=BF16, force_prefix=False):
-    got = emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix)
-    ref = reference.encode(regions, dtype, codebook, chunk_log2)
+def check_roundtrip(so, regions, codebook=BOOK, chunk_log2=12, dtype=BF16, force_prefix=False, tag=0):
+    got = emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix, tag=tag)
+    ref = reference.encode(regions, dtype, codebook, chunk_log2, tag)
     assert got.numel() == ref.numel() and torch.equal(got, ref), "payload differs from the reference"
     dst = [torch.empty_like(r) for r in regions]
-    code, aux = emu_decode(so, ref, dst, dtype, force_prefix=force_prefix)
+    code, aux = emu_decode(so, ref, dst, dtype, force_prefix=force_prefix, tag=tag)
     assert (code, aux) == (0, 0)
     for a, b in zip(dst, regions):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
@@ -239,20 +242,24 @@ def test_decode_into_regions_keeps_canaries(lib):
     assert bool((buf[mask] == 7.0).all())
 
 
-def _reference_verdict(payload: torch.Tensor, dtype: int, n: int) -> str | None:
+def _reference_verdict(payload: torch.Tensor, dtype: int, n: int, tag: int = 0) -> str | None:
     try:
-        reference.decode(payload, dtype, n)
+        reference.decode(payload, dtype, n, tag)
     except PayloadError as e:
         return str(e)
     return None
 
 
 def _emu_verdict(lib, payload: torch.Tensor, dtype: int, n: int, torch_dtype=torch.bfloat16,
-                 payload_len: int | None = None) -> str | None:
+                 payload_len: int | None = None, tag: int = 0, untouched: bool = False) -> str | None:
+    """The PayloadError message of the emulated decode (None = OK); no write outside the destination, and with
+    ``untouched`` none at all."""
     buf = torch.full((n + 4096,), 0x3C3C, dtype=torch.int16).view(torch_dtype)  # 2-byte dtypes
     canary = buf.clone()
     regions = [buf[1000:1000 + n // 2], buf[1000 + n // 2 + 37:1000 + n + 37]]
-    code, aux = emu_decode(lib, payload, regions, dtype, payload_len=payload_len)
+    code, aux = emu_decode(lib, payload, regions, dtype, payload_len=payload_len, tag=tag)
+    if untouched:
+        assert torch.equal(buf.view(torch.uint8), canary.view(torch.uint8)), "a refused decode wrote"
     keep = torch.ones(buf.numel(), dtype=torch.bool)
     keep[1000:1000 + n // 2] = False
     keep[1000 + n // 2 + 37:1000 + n + 37] = False
@@ -260,20 +267,20 @@ def _emu_verdict(lib, payload: torch.Tensor, dtype: int, n: int, torch_dtype=tor
                        canary.view(torch.uint8).view(-1, buf.element_size())[keep]), "write outside the destination"
     plen = payload.numel() if payload_len is None else payload_len
     header = payload[:min(HEADER_BYTES, plen)].numpy().tobytes()
-    return status_error_message(code, aux, header, plen, dtype, n)
+    return status_error_message(code, aux, header, plen, dtype, n, tag)
 
 
 def test_corrupted_payloads_match_reference_errors(lib):
     n = 9001
     x = kv_like(n, seed=21, outliers=0.02)
     payload = reference.encode([x], BF16, BOOK, 8)
-    hdr = parse_header(payload[:64].numpy().tobytes())
+    hdr = parse_header(payload[:HEADER_BYTES].numpy().tobytes())
     assert hdr.mode == 1 and hdr.n_escapes > 50
     from splitzip_vllm.codec.format import Exp4Layout
     lay = Exp4Layout.compute(n, 8, hdr.n_escapes)
     body = HEADER_BYTES
     spots = {
-        "header": range(0, 64),
+        "header": range(0, HEADER_BYTES),
         "sm": range(body, body + n),
         "codes": range(body + lay.off_codes, body + lay.off_codes + (n + 1) // 2),
         "counts": range(body + lay.off_counts, body + lay.off_counts + 2 * lay.n_chunks),
@@ -306,7 +313,7 @@ def test_corrupted_payloads_match_reference_errors(lib):
     p[last:last + 2] = torch.tensor([42, 0], dtype=torch.uint8)
     assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
     # truncations, wrong destination, empty buffer
-    for plen in (0, 10, 63, 64, payload.numel() - 1):
+    for plen in (0, 10, 63, 64, 95, 96, payload.numel() - 1):
         assert _emu_verdict(lib, payload, BF16, n, payload_len=plen) == \
             _reference_verdict(payload[:plen], BF16, n)
     assert _emu_verdict(lib, payload, BF16, n - 1) == _reference_verdict(payload, BF16, n - 1)
@@ -319,7 +326,7 @@ def test_corrupted_raw_payload(lib):
     n = 5000
     x = torch.randn(n).to(torch.float16)
     payload = reference.encode([x], 2, None, 12)
-    for k in (0, 5, 13, 40, 64, 100, 64 + 2 * n - 1):
+    for k in (0, 5, 13, 40, 64, 72, 95, 96, 100, HEADER_BYTES + 2 * n - 1):
         p = payload.clone()
         p[k] ^= 0x10
         assert _emu_verdict(lib, p, 2, n, torch_dtype=torch.float16) == _reference_verdict(p, 2, n)
@@ -333,15 +340,69 @@ def test_launcher_argument_checks(lib):
     wsb = lib.splitzip_cuda_encode_workspace_bytes(1000, BF16, 1, 12)
     ws = aligned_empty(wsb + 16)
     cb = bytes(BOOK.exponents)
-    args = (ctypes.byref(tb.s), BF16, cb, 16, 12)
+    args = (ctypes.byref(tb.s), BF16, cb, 16, 12, 0)
     assert lib.splitzip_cuda_encode(*args, out.data_ptr() + 1, cap, ws.data_ptr(), wsb, None) == -2
     assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap - 1, ws.data_ptr(), wsb, None) == -3
     assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap, ws.data_ptr(), wsb - 1, None) == -4
-    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), 9, cb, 16, 12, out.data_ptr(), cap, ws.data_ptr(), wsb,
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), 9, cb, 16, 12, 0, out.data_ptr(), cap, ws.data_ptr(), wsb,
                                     None) == -1
-    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 12, out.data_ptr(), cap,
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 12, 0, out.data_ptr(), cap,
                                     ws.data_ptr(), wsb, None) == -1
-    assert lib.splitzip_cuda_status_message(23).startswith(b"payload checksum mismatch")
+
+
+def test_status_codes_match_python(lib):
+    """The C status table and cuda_backend's ST_* constants number the checks alike."""
+    msg = lib.splitzip_cuda_status_message
+    assert msg(cuda_backend.ST_CHECKSUM).startswith(b"payload checksum mismatch")
+    assert msg(cuda_backend.ST_DST_DTYPE).startswith(b"payload dtype differs")
+    assert msg(cuda_backend.ST_ESC_POS).startswith(b"escape table is corrupted: an escape position")
+    assert msg(cuda_backend.ST_HEADER_LAST).startswith(b"payload truncated")  # the last header check
+    assert msg(cuda_backend.ST_HEADER_LAST - 2).startswith(b"payload belongs to another transfer")
+    assert msg(cuda_backend.ST_HEADER_LAST - 1).startswith(b"format v1 payloads carry no transfer tag")
+    assert msg(cuda_backend.ST_CHECKSUM + 1) == b"unknown splitzip status code"
+
+
+TAGS = (1, 0x5A5A_0000_FFFF_1234, 2**63, 2**64 - 1)
+
+
+@pytest.mark.parametrize("codebook", [BOOK, None], ids=["exp4", "raw"])
+def test_transfer_tag(lib, codebook):
+    """Encoders write the caller's tag byte-identically; decoders refuse another transfer's payload before
+    writing anything, with the reference decoder's message (FORMAT.md §6a)."""
+    n = 9001
+    x = kv_like(n, seed=31, outliers=0.01)
+    for tag in TAGS:
+        payload = check_roundtrip(lib, [x], codebook, 12, tag=tag)  # same tag: byte-identical, decodes bitwise
+        assert parse_header(payload[:HEADER_BYTES].numpy().tobytes()).transfer_tag == tag
+        for expected in (0, tag ^ 1, tag ^ (1 << 63)):
+            msg = _emu_verdict(lib, payload, BF16, n, tag=expected, untouched=True)
+            assert msg == _reference_verdict(payload, BF16, n, expected)
+            assert msg.startswith(f"payload belongs to another transfer: its transfer tag is 0x{tag:016x}, "
+                                  f"expected 0x{expected:016x}"), msg
+    check_roundtrip(lib, [x], codebook, 12, tag=0)  # tag 0 (unbound) round-trips
+    # a header with a non-zero ext area is refused (also without any write)
+    bad = torch.frombuffer(with_fields(reference.encode([x], BF16, codebook, 12), ext=bytes(23) + b"\x01"),
+                           dtype=torch.uint8)
+    msg = _emu_verdict(lib, bad, BF16, n, untouched=True)
+    assert msg == _reference_verdict(bad, BF16, n) and "non-zero ext field" in msg
+
+
+@pytest.mark.parametrize("codebook", [BOOK, None], ids=["exp4", "raw"])
+def test_format_v1_payloads(lib, codebook):
+    """A v1 payload (64-byte header, body at 64) decodes with tag 0 and is refused with any other tag."""
+    n = 7777
+    x = kv_like(n, seed=32, outliers=0.01)
+    v1 = torch.frombuffer(to_v1(reference.encode([x], BF16, codebook, 8)), dtype=torch.uint8)
+    assert v1[4] == 1
+    dst = torch.empty_like(x)
+    assert emu_decode(lib, v1, [dst], BF16) == (0, 0)
+    assert torch.equal(dst.view(torch.int16), x.view(torch.int16))
+    for expected in (1, 2**64 - 1):
+        msg = _emu_verdict(lib, v1, BF16, n, tag=expected, untouched=True)
+        assert msg == _reference_verdict(v1, BF16, n, expected)
+        assert msg.startswith("format v1 payloads carry no transfer tag"), msg
+    for plen in (63, 64, 65, v1.numel() - 1):  # truncated v1 payloads
+        assert _emu_verdict(lib, v1, BF16, n, payload_len=plen) == _reference_verdict(v1[:plen], BF16, n)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 3), (16, 4, 2)])

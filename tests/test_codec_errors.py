@@ -14,8 +14,8 @@ import torch
 from splitzip_vllm.codec import Codebook, PayloadError, encode
 from splitzip_vllm.codec.format import HEADER_BYTES, Exp4Layout, dtype_code
 
-from _codec_util import (BF16, Canary, assert_bitwise_equal, backend, backend_params, bits, header_fields,
-                         realistic_bf16, reseal, to_tensor, top_codebook, with_fields)
+from _codec_util import (BF16, HDR, Canary, assert_bitwise_equal, backend, backend_params, bits, header_fields,
+                         realistic_bf16, reseal, to_tensor, to_v1, top_codebook, with_fields)
 
 BACKENDS = backend_params()
 
@@ -73,8 +73,8 @@ def build_exp4(n: int, cl2: int, cb: bytes, counts: list[int], pos: list[int], e
     body[lay.off_counts:lay.off_counts + 2 * lay.n_chunks] = struct.pack(f"<{lay.n_chunks}H", *counts)
     body[lay.off_pos:lay.off_pos + 2 * m] = struct.pack(f"<{m}H", *pos)
     body[lay.off_exp:lay.off_exp + m] = bytes(exps)
-    hdr = struct.pack("<4sBBBBBBHI16sQQQII", b"SZKV", 1, 1, 1, 4, len(cb), cl2, 0, 0, cb + bytes(16 - len(cb)),
-                      n, m, lay.body_bytes, 0, 0)
+    hdr = HDR.pack(b"SZKV", 2, 1, 1, 4, len(cb), cl2, 0, 0, cb + bytes(16 - len(cb)), n, m, lay.body_bytes, 0, 0,
+                   0, bytes(24))
     return reseal(bytearray(hdr) + body)
 
 
@@ -95,10 +95,12 @@ def test_good_payloads_decode(spec, device):
 HEADER_CASES = {
     "short0": (b"", "payload truncated"),
     "short1": (EXP4[:1], "payload truncated"),
-    "short63": (EXP4[:63], "payload truncated"),
+    "short63": (EXP4[:63], "payload truncated: 63 bytes, the header alone needs 64"),
+    "short95": (EXP4[:95], "payload truncated: 95 bytes, the header alone needs 96"),
     "magic": (b"SZKX" + EXP4[4:], "not a splitzip payload"),
     "magic_zero": (bytes(64), "not a splitzip payload"),
-    "version2": (with_fields(EXP4, version=2), "unsupported splitzip format version 2"),
+    "version3": (with_fields(EXP4, version=3), "unsupported splitzip format version 3; this build reads versions 1 "
+                                               "and 2"),
     "version0": (with_fields(EXP4, version=0), "unsupported splitzip format version 0"),
     "crc_field": (bytes(with_fields(EXP4, seal=False, crc=header_fields(EXP4)["crc"] ^ 1)), "header CRC"),
     "crc_unsealed_field": (bytes(with_fields(EXP4, seal=False, n_elems=N + 1)), "header CRC"),
@@ -106,6 +108,12 @@ HEADER_CASES = {
     "dtype_unknown": (with_fields(EXP4, dtype=9), "unknown dtype code 9"),
     "reserved": (with_fields(EXP4, reserved=1), "non-zero reserved"),
     "mode": (with_fields(EXP4, mode=2), "unknown payload mode 2"),
+    "ext_first": (with_fields(EXP4, ext=b"\x01" + bytes(23)), "non-zero ext field"),
+    "ext_last": (with_fields(RAW, ext=bytes(23) + b"\x80"), "non-zero ext field"),
+    "crc_ext": (bytes(with_fields(EXP4, seal=False, ext=bytes(23) + b"\x80")), "header CRC"),  # CRC covers 96 bytes
+    "tag": (with_fields(EXP4, transfer_tag=5), "payload belongs to another transfer: its transfer tag is "
+                                               "0x0000000000000005, expected 0x0000000000000000"),
+    "crc_tag": (bytes(with_fields(EXP4, seal=False, transfer_tag=1 << 63)), "header CRC"),
     "raw_code_bits": (with_fields(RAW, code_bits=4), "RAW payload header has coding fields set"),
     "raw_n_codes": (with_fields(RAW, n_codes=3), "RAW payload header has coding fields set"),
     "raw_chunk": (with_fields(RAW, chunk_log2=12), "RAW payload header has coding fields set"),
@@ -123,7 +131,7 @@ HEADER_CASES = {
     "codebook_dup": (with_fields(EXP4, codebook=bytes([CB.exponents[0]]) * 2 + CB.table16()[2:]),
                      "codebook is malformed"),
     "codebook_stray": (with_fields(EXP4, codebook=CB.table16()[:15] + b"\x07"), "codebook is malformed"),
-    "body_len": (with_fields(EXP4, body_bytes=len(EXP4) - 64 - 1), "body length does not match"),
+    "body_len": (with_fields(EXP4, body_bytes=len(EXP4) - HEADER_BYTES - 1), "body length does not match"),
     "escapes_vs_body": (with_fields(EXP4, n_escapes=header_fields(EXP4)["n_escapes"] + 1),
                         "body length does not match"),
     "huge_n": (with_fields(EXP4, n_elems=2**62, body_bytes=Exp4Layout.compute(2**62, CL2, 0).body_bytes,
@@ -229,7 +237,7 @@ def test_checksum_detects(spec, device, where):
         o = body_off("exp") + m - 1
         p = _patch(EXP4, o, bytes([EXP4[o] ^ 0x04]))
     elif where == "raw_body":
-        p = _patch(RAW, 64 + 777, bytes([RAW[64 + 777] ^ 0x40]))
+        p = _patch(RAW, HEADER_BYTES + 777, bytes([RAW[HEADER_BYTES + 777] ^ 0x40]))
     elif where == "cksum_a":
         p = with_fields(EXP4, checksum_a=header_fields(EXP4)["checksum_a"] + 1)
     else:
@@ -276,6 +284,7 @@ def _fuzz_bases():
     out.append((encode(x, None, backend="reference").numpy().tobytes(), x))
     f = torch.randn(300, generator=torch.Generator().manual_seed(5))
     out.append((encode(f, None, backend="reference").numpy().tobytes(), f))
+    out.append((bytes(to_v1(out[0][0])), out[0][1]))  # format v1 (64-byte header, body at 64)
     assert header_fields(out[0][0])["mode"] == 1 and header_fields(out[2][0])["mode"] == 1
     return out
 
@@ -295,10 +304,11 @@ def _mutate(rng: random.Random, payload: bytes) -> bytearray:
             b += bytes([rng.randrange(256)])
         return b
     h = header_fields(payload)
+    hb = 64 if payload[4] == 1 else HEADER_BYTES  # the payload's own header length (version 1 or 2)
     kind = rng.randrange(10)
     if kind in (5, 6, 7) and (h["mode"] != 1 or h["n_escapes"] > h["n_elems"] or h["n_elems"] > 2**40 or not
                               8 <= h["chunk_log2"] <= 15 or
-                              Exp4Layout.compute(h["n_elems"], h["chunk_log2"], h["n_escapes"]).body_bytes + 64 >
+                              Exp4Layout.compute(h["n_elems"], h["chunk_log2"], h["n_escapes"]).body_bytes + hb >
                               len(b)):
         kind = 0  # the header no longer describes this buffer: targeted surgery makes no sense
     if kind == 0:  # bit flips anywhere
@@ -310,8 +320,8 @@ def _mutate(rng: random.Random, payload: bytes) -> bytearray:
             b[rng.randrange(len(b))] = rng.randrange(256)
     elif kind == 2:  # truncation
         b = b[:rng.randrange(len(b))]
-    elif kind == 3:  # header byte overwrite, re-sealed so the checks behind the CRC run
-        i = rng.choice([k for k in range(4, 64) if not 12 <= k < 16])
+    elif kind == 3:  # header byte overwrite (transfer tag and ext too), re-sealed so the checks behind the CRC run
+        i = rng.choice([k for k in range(4, hb) if not 12 <= k < 16])
         b[i] = rng.choice([0, 1, 2, 255, b[i] ^ 1, rng.randrange(256)])
         reseal(b)
     elif kind == 4:  # header counts, re-sealed, sometimes with body_bytes made consistent
@@ -329,11 +339,11 @@ def _mutate(rng: random.Random, payload: bytes) -> bytearray:
         lo, hi = rng.choice([(0, lay.off_codes), (lay.off_codes, lay.off_counts), (lay.off_counts, lay.off_pos),
                              (lay.off_pos, lay.off_exp), (lay.off_exp, lay.body_bytes)])
         if hi > lo:
-            i = 64 + rng.randrange(lo, hi)
+            i = hb + rng.randrange(lo, hi)
             b[i] = rng.choice([0, 0xFF, b[i] ^ 0x01, rng.randrange(256)])
     elif kind == 6 and h["mode"] == 1:  # escape table games keeping the counts sum
         lay = Exp4Layout.compute(h["n_elems"], h["chunk_log2"], h["n_escapes"])
-        o = 64 + lay.off_counts
+        o = hb + lay.off_counts
         counts = list(struct.unpack_from(f"<{lay.n_chunks}H", b, o))
         i, j = rng.randrange(len(counts)), rng.randrange(len(counts))
         if rng.random() < 0.5:
@@ -347,10 +357,10 @@ def _mutate(rng: random.Random, payload: bytes) -> bytearray:
         lay = Exp4Layout.compute(h["n_elems"], h["chunk_log2"], h["n_escapes"])
         k = rng.randrange(h["n_escapes"])
         if rng.random() < 0.5:
-            struct.pack_into("<H", b, 64 + lay.off_pos + 2 * k, rng.choice([0, 1, 255, 256, 4095, 0xFFFF,
+            struct.pack_into("<H", b, hb + lay.off_pos + 2 * k, rng.choice([0, 1, 255, 256, 4095, 0xFFFF,
                                                                               rng.randrange(65536)]))
         else:
-            b[64 + lay.off_exp + k] = rng.randrange(256)
+            b[hb + lay.off_exp + k] = rng.randrange(256)
     elif kind == 8:  # trailing garbage (must still decode)
         b += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
     else:  # combination: header field + body byte

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _codec_util import Canary, bits, top_codebook
+from _codec_util import Canary, bits, to_v1, top_codebook, with_fields
 from splitzip_vllm.codec import Codebook, PayloadError, available_backends, decode, encode, get_backend
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends import triton_backend as TB
@@ -125,8 +125,8 @@ def assert_same_payload(regions, cb, cl2: int, dtype=None) -> torch.Tensor:
     got = triton_encode(regions, cb, cl2, dtype)
     want = reference.encode(regions, dtype_code(dtype if dtype is not None else regions[0].dtype), cb, cl2)
     if not torch.equal(got, want):
-        hg = parse_header(got[:64].numpy().tobytes())
-        hw = parse_header(want[:64].numpy().tobytes())
+        hg = parse_header(got[:HEADER_BYTES].numpy().tobytes())
+        hw = parse_header(want[:HEADER_BYTES].numpy().tobytes())
         m = min(got.numel(), want.numel())
         diff = (got[:m] != want[:m]).nonzero().reshape(-1)[:8].tolist()
         raise AssertionError(f"payload differs: lengths {got.numel()} vs {want.numel()}, first differing bytes "
@@ -154,7 +154,7 @@ def split_sizes(n: int, cuts) -> list[int]:
 
 
 def mode_of(p: torch.Tensor) -> int:
-    return parse_header(p[:64].numpy().tobytes()).mode
+    return parse_header(p[:HEADER_BYTES].numpy().tobytes()).mode
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -181,7 +181,7 @@ def test_all_bf16_patterns_exp4(cb):
     pats = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(BF16)
     x = with_filler(pats, cb, (1 << 19) - 65536, seed=cb.n_codes)
     ref = assert_same_payload([x], cb, cl2)
-    h = parse_header(ref[:64].numpy().tobytes())
+    h = parse_header(ref[:HEADER_BYTES].numpy().tobytes())
     assert h.mode == MODE_EXP4 and h.n_escapes == 65536 - 256 * cb.n_codes
     check_roundtrip(ref, x, split_sizes(x.numel(), [1, 123457, 300001]))
 
@@ -232,7 +232,7 @@ def test_escape_layouts(tiles):
     # escape positions with a high byte (chunk_log2 15), chunks of several tiles, partial last chunk
     x = kv_like(40001, seed=3, outliers=0.02)
     ref = assert_same_payload([x], top_codebook(x, 10), 15)
-    assert mode_of(ref) == MODE_EXP4 and parse_header(ref[:64].numpy().tobytes()).n_escapes > 800
+    assert mode_of(ref) == MODE_EXP4 and parse_header(ref[:HEADER_BYTES].numpy().tobytes()).n_escapes > 800
     check_roundtrip(ref, x, [30000, 10001])
     # escapes only in the last element / first element
     x = torch.full((3001,), 1.5, dtype=BF16)
@@ -312,13 +312,13 @@ N_C, CL_C = 3000, 8            # 12 chunks, the last one partial (184 elements)
 _XC = kv_like(N_C, seed=7, outliers=0.03)
 _CBC = top_codebook(_XC, 6)     # about 230 escapes, every chunk has some
 _GOOD = reference.encode([_XC], 1, _CBC, CL_C)
-_HDR = parse_header(_GOOD[:64].numpy().tobytes())
+_HDR = parse_header(_GOOD[:HEADER_BYTES].numpy().tobytes())
 _LAY = Exp4Layout.compute(N_C, CL_C, _HDR.n_escapes)
 _RAWP = reference.encode([_XC], 1, None, CL_C)
 
 
 def _counts(p: bytes) -> list[int]:
-    return list(struct.unpack_from(f"<{_LAY.n_chunks}H", p, 64 + _LAY.off_counts))
+    return list(struct.unpack_from(f"<{_LAY.n_chunks}H", p, HEADER_BYTES + _LAY.off_counts))
 
 
 def _patched(base: torch.Tensor, off: int, data: bytes) -> torch.Tensor:
@@ -328,9 +328,9 @@ def _patched(base: torch.Tensor, off: int, data: bytes) -> torch.Tensor:
 
 
 def _resealed(base: torch.Tensor, **fields) -> torch.Tensor:
-    h = dataclasses.replace(parse_header(base[:64].numpy().tobytes()), **fields)
+    h = dataclasses.replace(parse_header(base[:HEADER_BYTES].numpy().tobytes()), **fields)
     b = bytearray(base.numpy().tobytes())
-    b[:64] = h.pack()
+    b[:HEADER_BYTES] = h.pack()
     return torch.frombuffer(b, dtype=torch.uint8)
 
 
@@ -339,14 +339,15 @@ def _case(kind: str) -> tuple[torch.Tensor, str, bool]:
     good = _GOOD.numpy().tobytes()
     counts = _counts(good)
     assert _HDR.mode == MODE_EXP4 and _HDR.n_escapes > 185 and all(c > 1 for c in counts)
-    pos0 = 64 + _LAY.off_pos
+    hb = HEADER_BYTES
+    pos0 = hb + _LAY.off_pos
     if kind == "sm":
-        return _patched(_GOOD, 64 + 1234, bytes([good[64 + 1234] ^ 0x04])), "checksum mismatch", False
+        return _patched(_GOOD, hb + 1234, bytes([good[hb + 1234] ^ 0x04])), "checksum mismatch", False
     if kind == "code":
-        o = 64 + _LAY.off_codes + 77
+        o = HEADER_BYTES + _LAY.off_codes + 77
         return _patched(_GOOD, o, bytes([good[o] ^ 0x30])), "checksum mismatch", False
     if kind == "esc_exp":
-        o = 64 + _LAY.off_exp + 5
+        o = HEADER_BYTES + _LAY.off_exp + 5
         return _patched(_GOOD, o, bytes([good[o] ^ 0x01])), "checksum mismatch", False
     if kind == "esc_pos_moved":   # still ascending, inside the chunk
         p0, p1 = struct.unpack_from("<HH", good, pos0)
@@ -354,16 +355,16 @@ def _case(kind: str) -> tuple[torch.Tensor, str, bool]:
         newp = p0 + 1 if p1 > p0 + 1 else p0 - 1
         return _patched(_GOOD, pos0, struct.pack("<H", newp)), "checksum mismatch", False
     if kind == "raw_body":
-        return _patched(_RAWP, 64 + 4321, bytes([_RAWP[64 + 4321].item() ^ 0x80])), "checksum mismatch", False
+        return _patched(_RAWP, hb + 4321, bytes([_RAWP[hb + 4321].item() ^ 0x80])), "checksum mismatch", False
     if kind == "checksum_field":
         return _resealed(_GOOD, checksum_b=_HDR.checksum_b ^ 1), "checksum mismatch", False
     if kind == "count_sum":
         c = counts[:]
         c[2] += 1
-        return (_patched(_GOOD, 64 + _LAY.off_counts, struct.pack(f"<{len(c)}H", *c)),
+        return (_patched(_GOOD, HEADER_BYTES + _LAY.off_counts, struct.pack(f"<{len(c)}H", *c)),
                 f"chunk counts sum to {_HDR.n_escapes + 1}, header says {_HDR.n_escapes}", True)
     if kind == "count_huge":
-        return (_patched(_GOOD, 64 + _LAY.off_counts + 2 * 4, struct.pack("<H", 0xFFFF)), "chunk counts sum to",
+        return (_patched(_GOOD, hb + _LAY.off_counts + 2 * 4, struct.pack("<H", 0xFFFF)), "chunk counts sum to",
                 True)
     if kind == "count_exceeds_chunk":   # sum kept: the last (184-element) chunk claims 185
         c = [0] * _LAY.n_chunks
@@ -373,7 +374,7 @@ def _case(kind: str) -> tuple[torch.Tensor, str, bool]:
         c[0] = min(rest, 256)
         c[1] = rest - c[0]
         assert c[1] <= 256
-        return (_patched(_GOOD, 64 + _LAY.off_counts, struct.pack(f"<{len(c)}H", *c)),
+        return (_patched(_GOOD, HEADER_BYTES + _LAY.off_counts, struct.pack(f"<{len(c)}H", *c)),
                 "a chunk claims more escapes than elements", True)
     if kind == "pos_outside_last":
         k = sum(counts[:-1])
@@ -396,13 +397,21 @@ def _case(kind: str) -> tuple[torch.Tensor, str, bool]:
     if kind == "body_len":
         return _resealed(_GOOD, body_bytes=_HDR.body_bytes + 16), "body length does not match", True
     if kind == "version":
-        return _resealed(_GOOD, version=2), "unsupported splitzip format version 2", True
+        return torch.frombuffer(with_fields(good, version=3), dtype=torch.uint8), "format version 3", True
+    if kind == "short_v2_header":
+        return _GOOD[:80].clone(), "payload truncated: 80 bytes, the header alone needs 96", True
+    if kind == "ext":
+        return torch.frombuffer(with_fields(good, ext=bytes(5) + b"\x02" + bytes(18)), dtype=torch.uint8), \
+            "non-zero ext field", True
+    if kind == "tag":
+        return (_resealed(_GOOD, transfer_tag=0xABCD), "payload belongs to another transfer: its transfer tag is "
+                "0x000000000000abcd, expected 0x0000000000000000", True)
     raise KeyError(kind)
 
 
 CORRUPTIONS = ["sm", "code", "esc_exp", "esc_pos_moved", "raw_body", "checksum_field", "count_sum", "count_huge",
                "count_exceeds_chunk", "pos_outside_last", "pos_huge", "pos_not_ascending", "pos_duplicate",
-               "truncated", "header_crc", "body_len", "version"]
+               "truncated", "header_crc", "body_len", "version", "short_v2_header", "ext", "tag"]
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -427,6 +436,46 @@ def test_destination_mismatch():
 def test_good_payloads_still_decode():
     for p in (_GOOD, _RAWP, torch.cat([_GOOD, torch.full((33,), 0x99, dtype=torch.uint8)])):
         check_roundtrip(p, _XC, [10, 2990])
+
+
+# ---------------------------------------------------------------------------------------------------- transfer tags
+
+TAGS = (1, 0x0123_4567_89AB_CDEF, 2**63, 2**64 - 1)
+
+
+@pytest.mark.parametrize("cb", [FULL16, None], ids=["exp4", "raw"])
+def test_transfer_tag(cb, gpu_tiles):
+    """FORMAT.md §6a: the tag is written byte-identically to the reference; a payload of another transfer is
+    refused before any write; the same tag (and 0) decodes bitwise."""
+    x = kv_like(6000, seed=23)
+    for tag in TAGS + (0,):
+        got = torch.empty(encode_capacity(x.numel(), 2), dtype=torch.uint8)
+        _be().encode_into([x[:2500], x[2500:]], 1, cb, 9, got, tag)
+        want = reference.encode([x], 1, cb, 9, tag)
+        assert torch.equal(got[:want.numel()], want), f"tag {tag:#x}"
+        assert parse_header(want[:HEADER_BYTES].numpy().tobytes()).transfer_tag == tag
+        can = Canary([3000, 3000], BF16)
+        _be().decode_into(want, can.regions, 1, tag)
+        assert torch.equal(bits(can.data()), bits(x))
+        for expected in {0, tag ^ 1, tag ^ (1 << 63)} - {tag}:
+            can = Canary([3000, 3000], BF16)
+            with pytest.raises(PayloadError, match=f"its transfer tag is 0x{tag:016x}, expected 0x{expected:016x}"):
+                _be().decode_into(want, can.regions, 1, expected)
+            assert can.untouched(), "a refused decode wrote"
+
+
+@pytest.mark.parametrize("cb", [FULL16, None], ids=["exp4", "raw"])
+def test_format_v1_payloads(cb, gpu_tiles):
+    """A v1 payload (64-byte header, body at 64) decodes with tag 0 and is refused with any other tag."""
+    x = kv_like(5000, seed=24)
+    v1 = torch.frombuffer(to_v1(reference.encode([x], 1, cb, 8)), dtype=torch.uint8)
+    assert v1[4] == 1
+    check_roundtrip(v1, x, [1234, 3766])
+    can = Canary([5000], BF16)
+    with pytest.raises(PayloadError, match="format v1 payloads carry no transfer tag .* expects transfer tag "
+                                           "0x0000000000000005"):
+        _be().decode_into(v1, can.regions, 1, 5)
+    assert can.untouched()
 
 
 # ---------------------------------------------------------------------------------------------------- import guard

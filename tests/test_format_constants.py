@@ -1,8 +1,11 @@
-"""format.py (Python/Triton) and csrc/include/splitzip/format.h (C++/CUDA) define the same wire format."""
+"""docs/FORMAT.md, format.py (Python/Triton) and csrc/include/splitzip/format.h (C++/CUDA) define the same wire
+format: constants, header field offsets and sizes (version 2's transfer_tag and ext included), header packing."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
+import struct
 import zlib
 from pathlib import Path
 
@@ -10,7 +13,40 @@ import pytest
 
 from splitzip_vllm.codec import format as fmt
 
-HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "splitzip" / "format.h"
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ROOT / "csrc" / "include" / "splitzip" / "format.h"
+SPEC = ROOT / "docs" / "FORMAT.md"
+
+# header fields in wire order: FORMAT.md §1 name, format.h kOff constant
+FIELDS = [("magic", "kOffMagic"), ("version", "kOffVersion"), ("dtype", "kOffDtype"), ("mode", "kOffMode"),
+          ("code_bits", "kOffCodeBits"), ("n_codes", "kOffNCodes"), ("chunk_log2", "kOffChunkLog2"),
+          ("reserved", "kOffReserved"), ("header_crc32", "kOffHeaderCrc"), ("codebook", "kOffCodebook"),
+          ("n_elems", "kOffNElems"), ("n_escapes", "kOffNEscapes"), ("body_bytes", "kOffBodyBytes"),
+          ("checksum_a", "kOffChecksumA"), ("checksum_b", "kOffChecksumB"), ("transfer_tag", "kOffTransferTag"),
+          ("ext", "kOffExt")]
+
+
+def _python_layout() -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of format.py's version-2 header struct."""
+    codes = re.findall(r"(\d*)([a-zA-Z])", fmt._HEADER.format.lstrip("<"))
+    assert len(codes) == len(FIELDS)
+    out, off = {}, 0
+    for (name, _), (count, code) in zip(FIELDS, codes):
+        size = struct.calcsize("<" + count + code)
+        out[name] = (off, size)
+        off += size
+    assert off == fmt.HEADER_BYTES
+    return out
+
+
+def _spec_layout() -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of the FORMAT.md §1 header table."""
+    if not SPEC.is_file():
+        pytest.skip("docs/FORMAT.md is not shipped with this install")
+    text = SPEC.read_text()
+    sec = text[text.index("## 1."):text.index("## 2.")]
+    rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*`(\w+)`\s*\|", sec, re.M)
+    return {name: (int(off), int(size)) for off, size, name in rows}
 
 
 def _header_text() -> str:
@@ -31,6 +67,7 @@ def test_header_text_constants_match_python():
     c = _constexpr_ints(_header_text())
     expected = {
         "kVersion": fmt.VERSION, "kHeaderBytes": fmt.HEADER_BYTES, "kCapacitySlack": fmt.CAPACITY_SLACK,
+        "kVersionV1": fmt.VERSION_V1, "kHeaderBytesV1": fmt.HEADER_BYTES_V1, "kExtBytes": fmt.EXT_BYTES,
         "kModeRaw": fmt.MODE_RAW, "kModeExp4": fmt.MODE_EXP4, "kCodeBits": fmt.CODE_BITS,
         "kMaxCodes": fmt.MAX_CODES, "kMinChunkLog2": fmt.MIN_CHUNK_LOG2, "kMaxChunkLog2": fmt.MAX_CHUNK_LOG2,
         "kDefaultChunkLog2": fmt.DEFAULT_CHUNK_LOG2, "kSectionAlign": fmt.SECTION_ALIGN,
@@ -51,12 +88,23 @@ def test_header_text_constants_match_python():
             assert fmt.dtype_code(getattr(torch, tname)) == code, cname
     # header field offsets agree with the Python struct layout
     offs = {k: v for k, v in c.items() if k.startswith("kOff")}
-    py_offsets = {"kOffMagic": 0, "kOffVersion": 4, "kOffDtype": 5, "kOffMode": 6, "kOffCodeBits": 7,
-                  "kOffNCodes": 8, "kOffChunkLog2": 9, "kOffReserved": 10, "kOffHeaderCrc": 12, "kOffCodebook": 16,
-                  "kOffNElems": 32, "kOffNEscapes": 40, "kOffBodyBytes": 48, "kOffChecksumA": 56,
-                  "kOffChecksumB": 60}
-    assert offs == py_offsets
-    assert fmt._HEADER.size == fmt.HEADER_BYTES
+    py = _python_layout()
+    assert offs == {k: py[name][0] for name, k in FIELDS}
+    assert fmt._HEADER.size == fmt.HEADER_BYTES and fmt._HEADER_V1.size == fmt.HEADER_BYTES_V1
+    assert py["transfer_tag"][0] == fmt.HEADER_BYTES_V1  # version 2 appends to version 1's 64 bytes
+
+
+def test_spec_header_table_matches_python():
+    spec, py = _spec_layout(), _python_layout()
+    assert spec == py, "FORMAT.md §1 table differs from format.py's header struct"
+    assert py["ext"][1] == fmt.EXT_BYTES
+    text = SPEC.read_text()
+    assert f"# SplitZip-KV wire format, version {fmt.VERSION}" in text
+    assert (f"`header_bytes` is **{fmt.HEADER_BYTES}** for version {fmt.VERSION} and **{fmt.HEADER_BYTES_V1}** for "
+            f"version {fmt.VERSION_V1}") in " ".join(text.split())
+    assert f"{fmt.HEADER_BYTES} + n*element_size + {fmt.CAPACITY_SLACK}" in text
+    assert fmt.encode_capacity(10, 2) == fmt.HEADER_BYTES + 20 + fmt.CAPACITY_SLACK
+    assert "## 6a. Transfer binding" in text
 
 
 def _ext():
@@ -72,8 +120,11 @@ def test_extension_constants_match_python():
     c = _ext().format_constants()
     assert c["MAGIC"] == fmt.MAGIC
     for k in ("VERSION", "HEADER_BYTES", "CAPACITY_SLACK", "MODE_RAW", "MODE_EXP4", "CODE_BITS", "MAX_CODES",
-              "MIN_CHUNK_LOG2", "MAX_CHUNK_LOG2", "DEFAULT_CHUNK_LOG2", "SECTION_ALIGN"):
+              "MIN_CHUNK_LOG2", "MAX_CHUNK_LOG2", "DEFAULT_CHUNK_LOG2", "SECTION_ALIGN", "VERSION_V1",
+              "HEADER_BYTES_V1", "EXT_BYTES"):
         assert c[k] == getattr(fmt, k), k
+    py = _python_layout()
+    assert (c["OFF_TRANSFER_TAG"], c["OFF_EXT"]) == (py["transfer_tag"][0], py["ext"][0])
     # format.h knows codes 0..5; format.py registers 4 and 5 only when torch has the float8 dtypes
     assert sorted(c["ELEMENT_SIZES"]) == [0, 1, 2, 3, 4, 5]
     assert set(fmt._DTYPES) <= set(c["ELEMENT_SIZES"])
@@ -93,8 +144,18 @@ def test_extension_header_pack_layout_crc_match_python():
         assert ext.exp4_layout(n, cl2, m) == (lay.n_chunks, lay.off_codes, lay.off_counts, lay.off_pos, lay.off_exp,
                                               lay.body_bytes)
         cb = bytes(rng.sample(range(256), 5)) + bytes(11)
-        h = fmt.Header(1, 1, 4, 5, cl2, cb, n, m, lay.body_bytes, rng.randrange(2**32), rng.randrange(2**32))
-        assert ext.pack_header(h.dtype, h.mode, h.code_bits, h.n_codes, h.chunk_log2, h.codebook, h.n_elems,
-                               h.n_escapes, h.body_bytes, h.checksum_a, h.checksum_b) == h.pack()
+        tag = rng.choice([0, 1, 2**63, 2**64 - 1, rng.randrange(2**64)])
+        h = fmt.Header(1, 1, 4, 5, cl2, cb, n, m, lay.body_bytes, rng.randrange(2**32), rng.randrange(2**32),
+                       transfer_tag=tag)
+        args = (h.dtype, h.mode, h.code_bits, h.n_codes, h.chunk_log2, h.codebook, h.n_elems, h.n_escapes,
+                h.body_bytes, h.checksum_a, h.checksum_b)
+        packed = ext.pack_header(*args, tag=tag)
+        assert packed == h.pack() and len(packed) == fmt.HEADER_BYTES
+        assert fmt.parse_header(packed, tag=tag) == h
+        # version 1: 64 bytes, no tag; format.py reads it with the implicit tag 0
+        v1 = ext.pack_header(*args, tag=tag, version=fmt.VERSION_V1)
+        assert len(v1) == fmt.HEADER_BYTES_V1 and v1[4] == 1
+        assert v1[:12] == packed[:4] + b"\x01" + packed[5:12] and v1[16:] == packed[16:64]
+        assert fmt.parse_header(v1, tag=0) == dataclasses.replace(h, version=1, transfer_tag=0)
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
         assert ext.crc32(data) == zlib.crc32(data) & 0xFFFFFFFF
