@@ -91,11 +91,13 @@ def test_auto_policy_probes_compression_while_raw():
 
 def test_settings_with_bad_values_name_the_setting_and_the_expected_type():
     for extra, expect in (({"arena_bytes": "lots"}, "arena_bytes: expected `int`, got `str`"),
-                          ({"arena_bytes": -1}, "arena_bytes: expected `int` >= 0"),
+                          ({"arena_bytes": -1}, "arena_bytes: expected `int` >= 1048576"),
                           ({"kv_lease_duration": "ten"}, "kv_lease_duration: expected `float`, got `str`"),
                           ({"kv_lease_duration": 0}, "kv_lease_duration: expected `float` > 0.0"),
                           ({"chunk_log2": 16}, "chunk_log2: expected `int` <= 15"),
                           ({"recv_buffer_bytes": True}, "recv_buffer_bytes: expected `int`, got `bool`"),
+                          ({"piece_tokens": 0}, "piece_tokens: expected `int` >= 1"),
+                          ({"allow_model_mismatch": "yes"}, "allow_model_mismatch: expected `bool`, got `str`"),
                           ({"backends": "UCX"}, "backends: expected `array`, got `str`")):
         with pytest.raises(ConfigError) as e:
             SplitZipConfig.from_extra(extra)

@@ -8,7 +8,9 @@ one request at a time.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +26,15 @@ LEASE = 8.0
 CONNECTOR = "SplitZipConnector"
 
 
+TESTS_ON_PATH = {"PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{Path(__file__).parents[1]}"}
+
+
+def corrupting(policy: str, extra: dict) -> dict:
+    """A decode whose transport flips a byte of every received payload (tests/e2e_faults.py)."""
+    return {"kv_connector": "CorruptingSplitZipConnector", "kv_connector_module_path": "e2e_faults",
+            "kv_role": "kv_consumer", "kv_load_failure_policy": policy, "kv_connector_extra_config": extra}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     require_e2e()
@@ -34,11 +45,10 @@ def cluster():
     extra_d = {"transfer_timeout": 10.0, "handshake_timeout": 3.0}
     p = Server("prefill", model, logs, kv_config(CONNECTOR, "kv_producer", extra=extra_p), "0", args=args)
     d = Server("decode", model, logs, kv_config(CONNECTOR, "kv_consumer", "recompute", extra_d), "1", args=args)
-    d_corrupt = Server("decode-corrupt-recompute", model, logs,
-                       kv_config(CONNECTOR, "kv_consumer", "recompute", extra_d), "1", args=args,
-                       env={"SPLITZIP_FAULT_INJECT": "corrupt_payload"})
-    d_fail = Server("decode-corrupt-fail", model, logs, kv_config(CONNECTOR, "kv_consumer", "fail", extra_d), "1",
-                    args=args, env={"SPLITZIP_FAULT_INJECT": "corrupt_payload"})
+    d_corrupt = Server("decode-corrupt-recompute", model, logs, corrupting("recompute", extra_d), "1", args=args,
+                       env=TESTS_ON_PATH)
+    d_fail = Server("decode-corrupt-fail", model, logs, corrupting("fail", extra_d), "1", args=args,
+                    env=TESTS_ON_PATH)
     d_mismatch = Server("decode-other-block-size", model, logs,
                         kv_config(CONNECTOR, "kv_consumer", "recompute", extra_d), "1", args=["--block-size", "256"])
     servers = [p, d, d_corrupt, d_fail, d_mismatch]

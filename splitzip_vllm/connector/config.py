@@ -9,11 +9,7 @@ import msgspec
 from ..codec.format import DEFAULT_CHUNK_LOG2, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2
 
 COMPRESSION_POLICIES = ("auto", "always", "never")
-# Connector protocol (handshake + manifests) version history:
-#   1: first release (manifests: mode, layers, raw/wire bytes)
-#   2: transfers bound to their request: manifests carry the payload-tag nonce (format v2 headers) and, for raw
-#      transfers, a ticket (address, value) that decode reads after the data (connector/binding.py)
-PROTOCOL_VERSION = 2
+DEFAULT_STAGING_BYTES = 64 << 20   # send arena and receive buffer, each: device memory beyond vLLM's KV budget
 
 
 class ConfigError(ValueError):
@@ -34,8 +30,11 @@ class SplitZipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     compression: str = "auto"              # "auto" | "always" | "never"
     codec_backend: str = "auto"            # reference | cpu | cuda | triton | auto
     chunk_log2: Annotated[int, msgspec.Meta(ge=MIN_CHUNK_LOG2, le=MAX_CHUNK_LOG2)] = DEFAULT_CHUNK_LOG2
-    arena_bytes: NonNegInt = 0             # prefill send arena; 0 = a quarter of the local KV cache
-    recv_buffer_bytes: NonNegInt = 0       # decode receive buffer; 0 = a quarter of the local KV cache
+    arena_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = DEFAULT_STAGING_BYTES   # prefill send arena (device)
+    recv_buffer_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = DEFAULT_STAGING_BYTES  # decode receive buffer
+    index_bytes: Annotated[int, msgspec.Meta(ge=1 << 16)] = 32 << 20   # prefill piece indexes (host memory)
+    piece_tokens: Annotated[int, msgspec.Meta(ge=1)] = 128  # tokens per piece (blocks are grouped up to this)
+    allow_model_mismatch: bool = False     # accept a prefill serving another model of the same geometry
     kv_lease_duration: Seconds = 30.0      # seconds prefill keeps a request's KV for decode (heartbeat-renewed)
     handshake_timeout: Seconds = 5.0
     transfer_timeout: Seconds = 30.0

@@ -4,16 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorHandshakeMetadata,
                                                                KVConnectorMetadata,
                                                                KVConnectorWorkerMetadata)
-
-# Notification messages, prefixed so other traffic is ignored.
-NOTIF_DONE = b"SZ:DONE:"   # decode read (or gave up on) a request: prefill may free it
-NOTIF_HB = b"SZ:HB:"       # decode still wants these requests: extend their lease
-NOTIF_RATE = b"SZ:RATE:"   # decode measured "wire_bytes,transfer_s,raw_bytes,decode_s" (compression policy)
 
 
 @dataclass
@@ -25,7 +18,8 @@ class RemoteInfo:
     request_id: str
     tp_size: int
     block_ids: list[int]
-    manifests: list[dict[str, Any]] | None   # one per prefill TP rank, see Manifest
+    manifests: list[dict[str, Any]] | None   # one per prefill TP rank, see contracts.Manifest
+    blocks_per_piece: int = 1
 
 
 @dataclass
@@ -45,32 +39,6 @@ class SplitZipConnectorMetadata(KVConnectorMetadata):
     heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
 
 
-class Manifest(msgspec.Struct, kw_only=True):
-    """What one prefill TP rank published for one request (travels in ``kv_transfer_params`` as a dict).
-
-    ``mode`` is ``"splitzip"`` (per-layer payloads in the send arena: ``layers[i] = (address, length)``, each
-    header carrying the transfer tag derived from ``nonce``, see binding.py) or ``"direct"`` (raw pages read
-    straight from the prefill KV cache, then ``ticket = (address, value)`` read to prove they were not freed).
-    """
-    mode: str
-    raw_bytes: int
-    wire_bytes: int
-    layers: list[tuple[int, int]] = []
-    reason: str = ""
-    nonce: int = 0
-    ticket: tuple[int, int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return msgspec.to_builtins(self)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Manifest":
-        try:
-            return msgspec.convert(d, Manifest, strict=False)
-        except msgspec.ValidationError as e:
-            raise ValueError(f"malformed KV manifest in kv_transfer_params: {e}") from None
-
-
 @dataclass
 class SplitZipWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker -> scheduler: manifests of requests encoded this step, keyed by request then TP rank."""
@@ -85,5 +53,5 @@ class SplitZipWorkerMetadata(KVConnectorWorkerMetadata):
 
 @dataclass
 class SplitZipHandshakeMetadata(KVConnectorHandshakeMetadata):
-    """Per-worker handshake payload (msgpack bytes of a dict; see worker.handshake_dict)."""
+    """Per-worker handshake payload (msgpack bytes of a contracts.Handshake)."""
     payload: bytes = b""

@@ -5,10 +5,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from ..transport.side_channel import SideChannelServer
-from .config import PROTOCOL_VERSION, SplitZipConfig
+from .config import SplitZipConfig
+from .contracts import PROTOCOL_VERSION
+from .kv_layout import blocks_per_piece
 from .metadata import (RecvRequest, RemoteInfo, SplitZipConnectorMetadata, SplitZipHandshakeMetadata,
                        SplitZipWorkerMetadata)
 
@@ -31,7 +31,7 @@ def remote_info_from_params(params: dict[str, Any]) -> RemoteInfo:
     return RemoteInfo(engine_id=str(params["remote_engine_id"]), host=str(params["remote_host"]),
                       port=int(params["remote_port"]), request_id=str(params["remote_request_id"]),
                       tp_size=int(params.get("tp_size") or 1), block_ids=[int(b) for b in block_ids],
-                      manifests=sz.get("manifests"))
+                      manifests=sz.get("manifests"), blocks_per_piece=int(sz.get("blocks_per_piece") or 1))
 
 
 class SplitZipScheduler:
@@ -45,6 +45,7 @@ class SplitZipScheduler:
         dp_index = getattr(vllm_config.parallel_config, "data_parallel_index", 0) or 0
         self.side_host, self.side_port = cfg.resolved_side_channel(dp_index)
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.blocks_per_piece = blocks_per_piece(self.block_size, cfg.piece_tokens)
         self.kv_cache_manager = None
         self._server: SideChannelServer | None = None
         # prefill state
@@ -189,13 +190,11 @@ class SplitZipScheduler:
             self._awaiting_manifest.clear()
 
     def _pack(self, by_rank: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        return {"protocol": PROTOCOL_VERSION, "manifests": [by_rank[r] for r in sorted(by_rank)]}
+        return {"protocol": PROTOCOL_VERSION, "blocks_per_piece": self.blocks_per_piece,
+                "manifests": [by_rank[r] for r in sorted(by_rank)]}
 
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
 
-
-def decode_handshake(payload: bytes) -> dict[str, Any]:
-    return msgspec.msgpack.decode(payload)

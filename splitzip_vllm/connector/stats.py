@@ -1,6 +1,7 @@
 """Transfer statistics: vLLM's periodic 'KV Transfer metrics' log line and Prometheus counters."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,9 @@ COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 
+_LOCK = threading.Lock()   # the encoder / codec threads add while the engine thread takes the interval's sums
+
+
 @dataclass
 class SplitZipStats(KVConnectorStats):
     """Additive counters; serialisable (plain dict of numbers)."""
@@ -46,8 +50,9 @@ class SplitZipStats(KVConnectorStats):
         self.data = {k: 0 for k in COUNTERS}
 
     def add(self, **kw: float) -> None:
-        for k, v in kw.items():
-            self.data[k] = self.data.get(k, 0) + v
+        with _LOCK:
+            for k, v in kw.items():
+                self.data[k] = self.data.get(k, 0) + v
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in other.data.items():
@@ -58,8 +63,9 @@ class SplitZipStats(KVConnectorStats):
         return not any(self.data.values())
 
     def clone_and_reset(self) -> "SplitZipStats":
-        out = SplitZipStats(data=dict(self.data))
-        self.reset()
+        with _LOCK:
+            out = SplitZipStats(data=dict(self.data))
+            self.reset()
         return out
 
     def reduce(self) -> dict[str, int | float]:

@@ -3,26 +3,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from .base import Range, TransferTelemetry, TransportError
+
 logger = logging.getLogger(__name__)
-
-Range = tuple[int, int]  # (address, length)
-
-
-class TransportError(RuntimeError):
-    """A NIXL operation failed (peer unreachable, transfer error, bad metadata)."""
-
-
-@dataclass
-class TransferTelemetry:
-    seconds: float
-    nbytes: int
-    descriptors: int
-
 
 def mem_type_of(t: torch.Tensor) -> str:
     return "DRAM" if t.device.type == "cpu" else "VRAM"

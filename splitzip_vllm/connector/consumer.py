@@ -1,0 +1,503 @@
+"""Decode side: read the pieces a request needs from every prefill rank that holds them, decode them into the
+paged KV cache off the engine thread, and verify that everything read belongs to the request.
+
+Per request (a *load*) and per prefill rank read from (a *source*):
+
+* compressed (``splitzip``): send ``Want`` (this rank's heads, the blocks not already cached) -> poll the piece
+  index with small READs -> READ ready payloads into the receive buffer (bounded: as much as fits) -> decode
+  them on the codec thread (transfer tag + checksum verified) -> ``Consumed`` lets prefill reuse the space;
+* raw (``direct``): one READ of the raw pieces straight into the KV blocks, then the ticket READ (which carries
+  the ``Done`` notice) proves the blocks were still this request's during the data READ.
+
+A load finishes when every source is done; any failure ends it through vLLM's load-failure path.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codec.format import PayloadError, dtype_code
+from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
+from ..transport.base import Transport, TransportError
+from .binding import TicketTable, TicketTableFullError, transfer_tag
+from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, encode_notification
+from .kv_layout import KVLayout, PiecePlan, coalesce, piece_ranges
+from .metadata import RecvRequest, RemoteInfo
+from .peers import Peer, PeerBook, PeerUnavailableError
+from .piece_index import INDEX_PIECE, IndexRevokedError, index_bytes, parse_index
+
+logger = logging.getLogger("splitzip_vllm.connector")
+
+RECV_TICKET_SLOTS = 1 << 12     # raw loads in flight at once
+INDEX_LANDING_BYTES = 8 << 20   # host memory for piece-index READs in flight
+INDEX_POLL_S = 0.001            # at most one index READ per source per millisecond
+
+
+def _align(x: int) -> int:
+    return (x + ALIGN - 1) // ALIGN * ALIGN
+
+
+class LoadError(RuntimeError):
+    def __init__(self, msg: str, *, rejected: bool = False, peer_lost: bool = False):
+        super().__init__(msg)
+        self.rejected, self.peer_lost = rejected, peer_lost
+
+
+@dataclass
+class _Source:
+    rank: int                       # prefill TP rank
+    manifest: Manifest
+    plan: PiecePlan
+    head_lo: int                    # prefill-local heads read from this rank
+    head_hi: int
+    head_shift: int                 # decode-local head = prefill-local head + head_shift
+    reader: int
+    readers: int
+    todo: set[int] = field(default_factory=set)
+    located: dict[int, tuple[int, int]] = field(default_factory=dict)   # ready, not fetched yet
+    peer: Peer | None = None
+    asked: bool = False
+    index_read: tuple | None = None   # (handle, landing offset)
+    last_index: float = 0.0
+    reads: list = field(default_factory=list)     # (handle, extent, [(piece, offset, length)])
+    jobs: list = field(default_factory=list)      # (future, extent, pieces)
+    direct: tuple | None = None       # (handle, phase "data" | "ticket")
+    ticket_slot: int | None = None
+    done: bool = False
+
+
+@dataclass
+class _Load:
+    rid: str
+    req: RecvRequest
+    sources: list[_Source]
+    started: float
+    progress: float
+    wire: int = 0
+    raw: int = 0
+    xfer_s: float = 0.0
+    decode_s: float = 0.0
+    error: str = ""                 # set when the load cannot even be planned (reported at the next poll)
+
+
+class Consumer:
+    def __init__(self, *, layout: KVLayout, transport: Transport, peers: PeerBook, tp_rank: int, tp_size: int,
+                 total_heads: int, recv_bytes: int, timeout_s: float, backend, stats):
+        self.layout, self.transport, self.peers = layout, transport, peers
+        self.tp_rank, self.tp_size, self.total_heads = tp_rank, tp_size, total_heads
+        self.timeout_s, self.backend, self.stats = timeout_s, backend, stats
+        self.mem = "DRAM" if layout.device.type == "cpu" else "VRAM"
+        self.dev = layout.device.index or 0 if layout.device.type != "cpu" else 0
+        self.recv_buf = torch.empty(recv_bytes, dtype=torch.uint8, device=layout.device)
+        self.recv_alloc = ExtentAllocator(recv_bytes)
+        self.landing = torch.zeros(INDEX_LANDING_BYTES, dtype=torch.uint8)
+        self.landing_alloc = ExtentAllocator(INDEX_LANDING_BYTES)
+        self.tickets = TicketTable(RECV_TICKET_SLOTS)
+        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitzip-decode")
+        self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
+        self._loads: dict[str, _Load] = {}
+        self._releases: list[tuple[RemoteInfo, float]] = []
+        self._zombies: list[tuple] = []   # (handle, free callback) whose DMA may still be in flight
+
+    def registrations(self) -> list[tuple[int, int, str]]:
+        return [(self.recv_buf.data_ptr(), self.recv_buf.numel(), self.mem),
+                (self.landing.data_ptr(), self.landing.numel(), "DRAM"),
+                (self.tickets.address(0), self.tickets.buffer.nbytes, "DRAM")]
+
+    @property
+    def recv_used_bytes(self) -> int:
+        return self.recv_alloc.used_bytes
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def start(self, rid: str, req: RecvRequest) -> None:
+        now = time.monotonic()
+        load = self._loads[rid] = _Load(rid, req, [], now, now)
+        try:
+            load.sources = self._plan_sources(req)
+        except (LoadError, ValueError) as e:
+            load.error = str(e)
+
+    def release(self, remote: RemoteInfo) -> None:
+        """Nothing to read (full local prefix hit): tell the prefill ranks to free the request."""
+        self._releases.append((remote, time.monotonic()))
+
+    def heartbeat(self, remote: RemoteInfo, request_ids: list[str]) -> None:
+        msg = encode_notification(Heartbeat(request_ids=request_ids))
+        for peer in self.peers.connected(remote.engine_id):
+            self.transport.notify(peer.agent, msg)
+
+    def _plan_sources(self, req: RecvRequest) -> list[_Source]:
+        """Which prefill ranks hold this rank's KV heads, and which of their heads and pieces to read."""
+        remote = req.remote
+        p_size, d_size, heads = remote.tp_size, self.tp_size, self.total_heads
+        check_tp(p_size, d_size, heads)
+        hp, hd = heads // p_size, heads // d_size
+        lo, hi = self.tp_rank * hd, (self.tp_rank + 1) * hd
+        if not remote.manifests or len(remote.manifests) != p_size:
+            raise LoadError(f"prefill published {len(remote.manifests or [])} KV manifests for TP size {p_size}")
+        n = req.skip_blocks + len(req.local_block_ids)
+        out = []
+        for p in range(lo // hp, (hi - 1) // hp + 1):
+            m = Manifest.from_dict(remote.manifests[p])
+            if m.num_blocks != n:
+                raise LoadError(f"block count mismatch: prefill rank {p} published {m.num_blocks} blocks, decode "
+                                f"has {req.skip_blocks} cached + {len(req.local_block_ids)} to fill")
+            readers = max(1, d_size // p_size)
+            plan = PiecePlan(len(self.layout.layers), hp, n, remote.blocks_per_piece)
+            src = _Source(p, m, plan, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
+                          self.tp_rank % readers, readers)
+            src.todo = set(plan.wanted(src.head_lo, src.head_hi, req.skip_blocks))
+            out.append(src)
+        return out
+
+    # ---- every step ------------------------------------------------------------------------------------------
+    def poll(self) -> tuple[set[str], set[str]]:
+        """Advance every load; returns (finished, failed) request ids (failed ones are in both)."""
+        finished: set[str] = set()
+        failed: set[str] = set()
+        self._send_releases()
+        self._reap_zombies()
+        for rid, load in list(self._loads.items()):
+            try:
+                if load.error:
+                    raise LoadError(load.error)
+                self._advance(load)
+                if time.monotonic() - load.progress > self.timeout_s:
+                    raise LoadError(f"KV load made no progress for {self.timeout_s:.0f}s (transfer_timeout; "
+                                    "prefill unreachable or overloaded?)", peer_lost=True)
+            except LoadError as e:
+                self._fail(load, str(e), rejected=e.rejected, peer_lost=e.peer_lost)
+                failed.add(rid)
+                finished.add(rid)
+                continue
+            if all(s.done for s in load.sources):
+                self._complete(load)
+                finished.add(rid)
+        return finished, failed
+
+    def _advance(self, load: _Load) -> None:
+        remote = load.req.remote
+        for src in load.sources:
+            if src.done:
+                continue
+            if src.peer is None:
+                try:
+                    src.peer = self.peers.get(remote.engine_id, remote.host, remote.port, src.rank)
+                except PeerUnavailableError as e:
+                    raise LoadError(str(e)) from None
+                if src.peer is None:
+                    continue
+                load.progress = time.monotonic()
+            if src.manifest.mode == "direct":
+                self._advance_direct(load, src)
+            elif src.manifest.mode == "splitzip":
+                self._advance_pieces(load, src)
+            else:
+                raise LoadError(f"unknown manifest mode {src.manifest.mode!r}")
+
+    # ---- compressed pieces -------------------------------------------------------------------------------------
+    def _advance_pieces(self, load: _Load, src: _Source) -> None:
+        remote = load.req.remote
+        if not src.asked:
+            self._notify(src, Want(request_id=remote.request_id, reader=src.reader, readers=src.readers,
+                                   head_lo=src.head_lo, head_hi=src.head_hi, block_lo=load.req.skip_blocks))
+            src.asked = True
+        self._finish_jobs(load, src)
+        self._finish_reads(load, src)
+        self._finish_index(load, src)
+        waiting = src.todo - set(src.located) - {p for _, _, ps in src.reads for p, _, _ in ps} \
+            - {p for _, _, ps in src.jobs for p in ps}
+        if waiting and src.index_read is None and time.monotonic() - src.last_index >= INDEX_POLL_S:
+            self._read_index(load, src)
+        self._read_pieces(load, src)
+        src.done = not src.todo
+
+    def _read_index(self, load: _Load, src: _Source) -> None:
+        size = index_bytes(src.plan.count)
+        try:
+            off = self.landing_alloc.allocate(size)
+        except ArenaFullError:
+            return
+        handle = self._read(src, [(self.landing.data_ptr() + off, size)], "DRAM",
+                            [(src.manifest.index_addr, size)], "DRAM", b"")
+        src.index_read = (handle, off)
+        src.last_index = time.monotonic()
+        load.wire += size
+
+    def _finish_index(self, load: _Load, src: _Source) -> None:
+        if src.index_read is None or not self._done(src.index_read[0]):
+            return
+        handle, off = src.index_read
+        src.index_read = None
+        self.transport.release(handle)
+        raw = self.landing[off:off + index_bytes(src.plan.count)].numpy().tobytes()
+        self.landing_alloc.free(off)
+        busy = {p for _, _, ps in src.reads for p, _, _ in ps} | {p for _, _, ps in src.jobs for p in ps}
+        wanted = sorted(src.todo - set(src.located) - busy)
+        tag = transfer_tag(load.req.remote.engine_id, load.req.remote.request_id, src.rank, INDEX_PIECE,
+                           src.manifest.nonce)
+        try:
+            ready = parse_index(raw, src.plan.count, tag, wanted)
+        except IndexRevokedError as e:
+            raise LoadError(str(e), rejected=True) from None
+        if ready:
+            src.located.update(ready)
+            load.progress = time.monotonic()
+
+    def _read_pieces(self, load: _Load, src: _Source) -> None:
+        """READ located pieces into the receive buffer, as many as one free extent holds."""
+        if not src.located:
+            return
+        order = sorted(src.located)
+        total, take = 0, []
+        for p in order:
+            n = _align(src.located[p][1])
+            if total + n > self.recv_alloc.largest_free():
+                break
+            total += n
+            take.append(p)
+        if not take:
+            if self.recv_alloc.capacity < _align(src.located[order[0]][1]):
+                raise LoadError(f"a {src.located[order[0]][1]}-byte piece does not fit the receive buffer "
+                                f"({self.recv_alloc.capacity} B); raise recv_buffer_bytes")
+            return  # back-pressure: space frees as other pieces are decoded
+        ext = self.recv_alloc.allocate(total)
+        base = self.recv_buf.data_ptr() + ext
+        local, rem, pieces, cursor = [], [], [], 0
+        for p in take:
+            addr, n = src.located.pop(p)
+            local.append((base + cursor, n))
+            rem.append((addr, n))
+            pieces.append((p, ext + cursor, n))
+            cursor += _align(n)
+        handle = self._read(src, local, self.mem, rem, src.peer.info.mem_type, b"", ext)
+        src.reads.append((handle, ext, pieces))
+        load.wire += sum(n for _, n in rem)
+
+    def _finish_reads(self, load: _Load, src: _Source) -> None:
+        keep = []
+        for handle, ext, pieces in src.reads:
+            if not self._done(handle):
+                keep.append((handle, ext, pieces))
+                continue
+            tele = self.transport.telemetry(handle)
+            load.xfer_s += tele.seconds if tele else 0.0
+            self.transport.release(handle)
+            fut = self._codec.submit(self._decode_pieces, load, src, pieces)
+            src.jobs.append((fut, ext, [p for p, _, _ in pieces]))
+            load.progress = time.monotonic()
+        src.reads = keep
+
+    def _finish_jobs(self, load: _Load, src: _Source) -> None:
+        keep = []
+        for fut, ext, pieces in src.jobs:
+            if not fut.done():
+                keep.append((fut, ext, pieces))
+                continue
+            self.recv_alloc.free(ext)
+            try:
+                load.decode_s += fut.result()
+            except PayloadError as e:
+                raise LoadError(f"received KV payload rejected: {e}", rejected=True) from None
+            src.todo.difference_update(pieces)
+            self._notify(src, Consumed(request_id=load.req.remote.request_id, pieces=pieces))
+            load.progress = time.monotonic()
+        src.jobs = keep
+
+    def _decode_pieces(self, load: _Load, src: _Source, pieces: list[tuple[int, int, int]]) -> float:
+        """Codec thread: decode payloads from the receive buffer into the KV cache (or scratch for blocks
+        decode already has); every payload's tag must be the one prefill derived for this very piece."""
+        t0 = time.perf_counter()
+        code = dtype_code(self.layout.dtype)
+        remote = load.req.remote
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            for piece, off, n in pieces:
+                layer, head, run = src.plan.coords(piece)
+                dests, copies = self._piece_dests(load.req, layer, head + src.head_shift, src.plan.blocks(run))
+                tag = transfer_tag(remote.engine_id, remote.request_id, src.rank, piece, src.manifest.nonce)
+                self.backend.decode_into(self.recv_buf[off:off + n], dests, code, tag=tag)
+                for dst, tmp in copies:
+                    dst.copy_(tmp)
+            if self._stream is not None:
+                self._stream.synchronize()
+        return time.perf_counter() - t0
+
+    def _piece_dests(self, req: RecvRequest, layer: int, head: int, blocks: range):
+        dests, copies = [], []
+        for b in blocks:
+            if b < req.skip_blocks:   # decode has this block already: decode the piece's copy into scratch
+                views = [torch.empty_like(v) for v in self.layout.layers[layer].piece(0, head)]
+            else:
+                views = self.layout.layers[layer].piece(req.local_block_ids[b - req.skip_blocks], head)
+            for v in views:
+                if v.is_contiguous():
+                    dests.append(v)
+                else:
+                    tmp = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+                    dests.append(tmp)
+                    copies.append((v, tmp))
+        return dests, copies
+
+    # ---- raw (direct) pieces --------------------------------------------------------------------------------
+    def _advance_direct(self, load: _Load, src: _Source) -> None:
+        m = src.manifest
+        if m.ticket is None:
+            raise LoadError(f"prefill published raw KV without a validity ticket ({m.reason})")
+        if src.direct is None:
+            local, rem = self._direct_ranges(load.req, src)
+            try:
+                src.ticket_slot = self.tickets.take()
+            except TicketTableFullError:
+                return  # back-pressure
+            if not local:
+                src.direct = (None, "data")
+            else:
+                # no notice yet: prefill must keep the blocks (and the ticket) until the ticket READ is done
+                src.direct = (self._read(src, local, self.mem, rem, src.peer.info.mem_type, b""), "data")
+                load.wire += sum(n for _, n in rem)
+            return
+        handle, phase = src.direct
+        if handle is not None and not self._done(handle):
+            return
+        if handle is not None:
+            tele = self.transport.telemetry(handle)
+            load.xfer_s += tele.seconds if tele else 0.0
+            self.transport.release(handle)
+        load.progress = time.monotonic()
+        if phase == "data":
+            done = encode_notification(Done(request_id=load.req.remote.request_id, reader=src.reader,
+                                            readers=src.readers))
+            src.direct = (self._read(src, [(self.tickets.address(src.ticket_slot), 8)], "DRAM",
+                                     [(m.ticket[0], 8)], "DRAM", done), "ticket")
+            return
+        seen = self.tickets.value(src.ticket_slot)
+        if seen != m.ticket[1]:
+            raise LoadError(f"the raw KV blocks were freed or reused by prefill before or while they were read "
+                            f"(ticket {m.ticket[1]:#x}, now {seen:#x}): a read after the prefill's lease "
+                            f"(kv_lease_duration) expired?", rejected=True)
+        self.tickets.put(src.ticket_slot)
+        src.ticket_slot = None
+        src.done = True
+
+    def _direct_ranges(self, req: RecvRequest, src: _Source) -> tuple[list, list]:
+        info = src.peer.info
+        local, rem = [], []
+        for li, layer in enumerate(self.layout.layers):
+            spec = info.layers[li]
+            for h in range(src.head_lo, src.head_hi):
+                for b in range(req.skip_blocks, src.plan.num_blocks):
+                    rb = req.remote.block_ids[b]
+                    rem += piece_ranges(info.layout, spec.base, spec.shape, spec.strides, info.element_size, rb, h)
+                    local += layer.piece_ranges(req.local_block_ids[b - req.skip_blocks], h + src.head_shift)
+        return coalesce(local, rem)
+
+    # ---- transport helpers ----------------------------------------------------------------------------------
+    def _read(self, src: _Source, local, local_mem, remote, remote_mem, notif: bytes, extent=None):
+        try:
+            return self.transport.read(src.peer.agent, local, local_mem, remote, remote_mem, notif,
+                                       self.dev if local_mem != "DRAM" else 0,
+                                       src.peer.info.device_id if remote_mem != "DRAM" else 0)
+        except TransportError as e:
+            if extent is not None:
+                self.recv_alloc.free(extent)
+            raise LoadError(str(e), peer_lost=True) from None
+
+    def _done(self, handle) -> bool:
+        state = self.transport.poll(handle)
+        if state == "PROC":
+            return False
+        if state != "DONE":
+            raise LoadError("the transport reported a transfer error (prefill gone or unreachable)", peer_lost=True)
+        return True
+
+    def _notify(self, src: _Source, msg) -> None:
+        if src.peer is not None:
+            self.transport.notify(src.peer.agent, encode_notification(msg))
+
+    def _send_releases(self) -> None:
+        keep = []
+        now = time.monotonic()
+        for remote, since in self._releases:
+            try:
+                peers = [self.peers.get(remote.engine_id, remote.host, remote.port, p)
+                         for p in range(remote.tp_size)]
+            except PeerUnavailableError:
+                continue   # prefill's lease frees it
+            if all(peers):
+                readers = max(1, self.tp_size // remote.tp_size)
+                for p in peers:
+                    self.transport.notify(p.agent, encode_notification(
+                        Done(request_id=remote.request_id, reader=self.tp_rank % readers, readers=readers)))
+            elif now - since < self.timeout_s:
+                keep.append((remote, since))
+        self._releases = keep
+
+    # ---- endings ----------------------------------------------------------------------------------------------
+    def _complete(self, load: _Load) -> None:
+        del self._loads[load.rid]
+        remote = load.req.remote
+        raw_bytes = len(load.req.local_block_ids) * self.layout.block_bytes
+        for src in load.sources:
+            if src.manifest.mode == "splitzip":
+                self._notify(src, Done(request_id=remote.request_id, reader=src.reader, readers=src.readers))
+        self.stats.add(num_transfers=1, raw_bytes=raw_bytes, wire_bytes=load.wire, transfer_seconds=load.xfer_s,
+                       decode_seconds=load.decode_s)
+        if load.sources and load.wire:
+            self._notify(load.sources[0], Rate(wire_bytes=load.wire, transfer_s=load.xfer_s, raw_bytes=raw_bytes,
+                                               decode_s=load.decode_s))
+
+    def _fail(self, load: _Load, why: str, *, rejected: bool, peer_lost: bool) -> None:
+        del self._loads[load.rid]
+        logger.error("SplitZipConnector: KV load for request %s failed: %s; vLLM applies kv_load_failure_policy "
+                     "(recompute or fail)", load.rid, why)
+        self.stats.add(num_failed_transfers=1, num_rejected=int(rejected))
+        remote = load.req.remote
+        for src in load.sources:
+            self._abandon(src)
+            self._notify(src, Done(request_id=remote.request_id, reader=src.reader, readers=src.readers))
+            if peer_lost and src.peer is not None:
+                self.peers.drop(remote.engine_id, src.rank)
+
+    def _abandon(self, src: _Source) -> None:
+        """Release what a failed source holds; buffers of READs the transport will not release stay reserved."""
+        for fut, ext, _ in src.jobs:
+            fut.add_done_callback(lambda _f, e=ext: self.recv_alloc.free(e))
+        handles = [(h, (lambda e=ext: self.recv_alloc.free(e))) for h, ext, _ in src.reads]
+        if src.index_read is not None:
+            handles.append((src.index_read[0], lambda o=src.index_read[1]: self.landing_alloc.free(o)))
+        if src.direct is not None and src.direct[0] is not None:
+            handles.append((src.direct[0], lambda: None))
+        if src.ticket_slot is not None:
+            slot = src.ticket_slot
+            handles.append((None, lambda: self.tickets.put(slot)))
+        for handle, free in handles:
+            if handle is None or self.transport.release(handle):
+                free()
+            else:
+                self._zombies.append((handle, free))
+        src.jobs, src.reads, src.index_read, src.direct, src.ticket_slot = [], [], None, None, None
+
+    def _reap_zombies(self) -> None:
+        keep = []
+        for handle, free in self._zombies:
+            if self.transport.poll(handle) != "PROC" and self.transport.release(handle):
+                free()
+            else:
+                keep.append((handle, free))
+        self._zombies = keep
+
+    def close(self) -> None:
+        self._codec.shutdown(wait=True, cancel_futures=True)
+
+
+def check_tp(prefill_tp: int, decode_tp: int, total_heads: int) -> None:
+    """Refuse TP pairs whose KV heads do not split evenly (replicated heads are not supported)."""
+    if total_heads % prefill_tp or total_heads % decode_tp:
+        raise LoadError(f"prefill TP size {prefill_tp} and decode TP size {decode_tp} do not both divide the "
+                        f"model's {total_heads} KV heads; choose TP sizes that divide {total_heads}")
+

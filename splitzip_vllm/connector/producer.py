@@ -1,0 +1,300 @@
+"""Prefill side: publish finished prompts, encode the pieces decode asks for into the bounded send arena.
+
+Engine thread (``wait_for_save`` / ``get_finished``): :meth:`Producer.publish` reserves a piece index (compressed)
+or a ticket (raw) and returns the manifest; :meth:`Producer.poll` handles decode's notifications and leases and
+returns the requests vLLM may free. Encoder thread: encodes wanted pieces in batches into the send arena as
+space allows and lists them in the request's piece index; decode's ``Consumed`` notices give the space back.
+So a request of any length streams through an arena of any size, and the engine step never waits for the codec.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codec.format import HEADER_BYTES, dtype_code, encode_capacity, parse_header
+from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
+from .binding import TicketTable, TicketTableFullError, new_nonce, transfer_tag
+from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, decode_notification
+from .kv_layout import KVLayout, PiecePlan
+from .piece_index import INDEX_PIECE, IndexArena, index_bytes
+
+logger = logging.getLogger("splitzip_vllm.connector")
+
+SEND_TICKET_SLOTS = 1 << 16     # raw requests published at once (512 KiB of host memory)
+BATCH_RAW_BYTES = 2 << 20       # the encoder fills the arena in batches of about this much KV
+
+
+def _align(x: int) -> int:
+    return (x + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class _Send:
+    rid: str
+    mode: str
+    block_ids: list[int]
+    plan: PiecePlan
+    nonce: int = 0
+    index_off: int | None = None
+    ticket_slot: int | None = None
+    deadline: float | None = None                 # set when vLLM finished the request; renewed by decode
+    readers: int | None = None
+    readers_done: set[int] = field(default_factory=set)
+    queue: collections.deque = field(default_factory=collections.deque)   # wanted pieces not encoded yet
+    wanted: set[int] = field(default_factory=set)
+    batches: dict[int, set[int]] = field(default_factory=dict)            # arena offset -> pieces unconsumed
+    piece_batch: dict[int, int] = field(default_factory=dict)
+
+
+class Producer:
+    def __init__(self, *, engine_id: str, tp_rank: int, layout: KVLayout, arena_bytes: int, index_bytes_: int,
+                 lease_s: float, backend, policy, stats, chunk_log2: int, codebook_source):
+        self.engine_id, self.tp_rank, self.layout = engine_id, tp_rank, layout
+        self.lease_s, self.backend, self.policy, self.stats = lease_s, backend, policy, stats
+        self.chunk_log2, self.codebook_source = chunk_log2, codebook_source
+        self.arena = torch.empty(arena_bytes, dtype=torch.uint8, device=layout.device)
+        self.arena_alloc = ExtentAllocator(arena_bytes)
+        self.index = IndexArena(index_bytes_)
+        self.tickets = TicketTable(SEND_TICKET_SLOTS)
+        self._sends: dict[str, _Send] = {}
+        self._finished: set[str] = set()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._rr: collections.deque[str] = collections.deque()   # round-robin over requests with wanted pieces
+        self._thread = threading.Thread(target=self._encode_loop, name="splitzip-encoder", daemon=True)
+        self._thread.start()
+
+    def registrations(self) -> list[tuple[int, int, str]]:
+        """(address, bytes, mem type) the transport must register for decode to read."""
+        mem = "DRAM" if self.layout.device.type == "cpu" else "VRAM"
+        return [(self.arena.data_ptr(), self.arena.numel(), mem),
+                (self.index.base, self.index.buffer.numel(), "DRAM"),
+                (self.tickets.address(0), self.tickets.buffer.nbytes, "DRAM")]
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+    def publish(self, rid: str, block_ids: list[int], plan: PiecePlan) -> Manifest:
+        raw = len(block_ids) * self.layout.block_bytes
+        self.stats.add(num_encoded=1)
+        reason = ""
+        if self.backend is None:
+            reason = f"dtype {self.layout.dtype} is carried raw"
+        elif not self.policy.decide():
+            reason = f"compression policy: {self.policy.describe()}"
+        with self._cv:
+            if not reason:
+                nonce = new_nonce()
+                try:
+                    off = self.index.publish(plan.count, transfer_tag(self.engine_id, rid, self.tp_rank,
+                                                                      INDEX_PIECE, nonce))
+                except ArenaFullError as e:
+                    reason = f"piece index memory full ({e}); sending raw"
+                    self.stats.add(num_arena_fallbacks=1)
+                else:
+                    self._sends[rid] = _Send(rid, "splitzip", block_ids, plan, nonce=nonce, index_off=off)
+                    return Manifest(mode="splitzip", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
+                                    nonce=nonce, index_addr=self.index.base + off)
+            send = _Send(rid, "direct", block_ids, plan)
+            self._sends[rid] = send
+            self.stats.add(num_direct=1)
+            try:
+                send.ticket_slot, value = self.tickets.issue()
+            except TicketTableFullError as e:
+                return Manifest(mode="direct", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
+                                reason=f"{reason}; no ticket: {e}")
+            return Manifest(mode="direct", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
+                            reason=reason, ticket=(self.tickets.address(send.ticket_slot), value))
+
+    def drop(self, rid: str) -> None:
+        """Unpublish: zero the ticket and the piece index, free the arena. Runs before the request is reported
+        finished, i.e. before vLLM may reuse its blocks (docs/TRANSFER_BINDING.md)."""
+        with self._cv:
+            send = self._sends.pop(rid, None)
+            self._finished.discard(rid)
+            if send is None:
+                return
+            if send.ticket_slot is not None:
+                self.tickets.revoke(send.ticket_slot)
+            if send.index_off is not None:
+                self.index.revoke(send.index_off)
+            for off in send.batches:
+                self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
+                self.arena_alloc.free(off)
+            send.batches.clear()
+            send.queue.clear()
+            self.stats.add(num_freed=1)
+            self._cv.notify_all()
+
+    def poll(self, finished_req_ids: set[str], notifications: list[bytes]) -> set[str]:
+        """Apply decode's notices and the leases; returns the requests now freed (vLLM may reuse their blocks)."""
+        now = time.monotonic()
+        done: set[str] = set()
+        with self._cv:
+            for rid in finished_req_ids:
+                if rid in self._sends and self._sends[rid].deadline is None:
+                    self._sends[rid].deadline = now + self.lease_s
+                    self._finished.add(rid)
+            for raw in notifications:
+                msg = decode_notification(raw)
+                if msg is not None:
+                    self._apply(msg, now)
+            for rid in list(self._finished):
+                s = self._sends[rid]
+                if s.readers is not None and len(s.readers_done) >= s.readers:
+                    done.add(rid)
+                elif s.deadline is not None and now > s.deadline:
+                    logger.warning("SplitZipConnector: lease of request %s expired after %.1fs without a complete "
+                                   "read; freeing its KV blocks and staging memory", rid, self.lease_s)
+                    self.stats.add(num_expired=1)
+                    done.add(rid)
+        for rid in done:
+            self.drop(rid)
+        return done
+
+    def _apply(self, msg, now: float) -> None:
+        if isinstance(msg, Rate):
+            self.policy.observe_transfer(msg.wire_bytes, msg.transfer_s, msg.raw_bytes, msg.decode_s)
+            return
+        if isinstance(msg, Heartbeat):
+            for rid in msg.request_ids:
+                self._renew(self._sends.get(rid), now)
+            return
+        s = self._sends.get(msg.request_id)
+        if s is None:
+            return  # already freed: a late notice
+        self._renew(s, now)
+        if isinstance(msg, Want):
+            self._want(s, msg)
+        elif isinstance(msg, Consumed):
+            self._consumed(s, msg.pieces)
+        elif isinstance(msg, Done):
+            s.readers = msg.readers
+            s.readers_done.add(msg.reader)
+
+    def _renew(self, s: _Send | None, now: float) -> None:
+        if s is not None and s.deadline is not None:
+            s.deadline = max(s.deadline, now + self.lease_s)
+
+    def _want(self, s: _Send, msg: Want) -> None:
+        s.readers = msg.readers
+        if s.mode != "splitzip":
+            return
+        new = [p for p in s.plan.wanted(msg.head_lo, msg.head_hi, msg.block_lo) if p not in s.wanted]
+        s.wanted.update(new)
+        s.queue.extend(new)
+        if new and s.rid not in self._rr:
+            self._rr.append(s.rid)
+        self._cv.notify_all()
+
+    def _consumed(self, s: _Send, pieces: list[int]) -> None:
+        for p in pieces:
+            off = s.piece_batch.pop(p, None)
+            if off is None:
+                continue
+            left = s.batches[off]
+            left.discard(p)
+            if not left:
+                del s.batches[off]
+                self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
+                self.arena_alloc.free(off)
+                self._cv.notify_all()
+
+    @property
+    def arena_used_bytes(self) -> int:
+        return self.arena_alloc.used_bytes
+
+    # ---- encoder thread --------------------------------------------------------------------------------
+    def _encode_loop(self) -> None:
+        if self.layout.device.type == "cuda":
+            torch.cuda.set_device(self.layout.device)
+        while True:
+            with self._cv:
+                job = self._next_batch()
+                while job is None and not self._stop:
+                    self._cv.wait(timeout=0.05)
+                    job = self._next_batch()
+                if self._stop:
+                    return
+            try:
+                self._encode_batch(*job)
+            except Exception:  # a failing encode must not kill the thread: the request's lease frees it
+                logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
+
+    def _next_batch(self):
+        """(send, pieces, arena offset, capacities) of the next batch that fits, round-robin over requests."""
+        for _ in range(len(self._rr)):
+            rid = self._rr[0]
+            self._rr.rotate(-1)
+            s = self._sends.get(rid)
+            if s is None or not s.queue:
+                self._rr.remove(rid)
+                continue
+            cap1 = self.piece_capacity(s.plan.bpp)
+            n = max(1, min(len(s.queue), BATCH_RAW_BYTES // (cap1 or 1),
+                           self.arena_alloc.largest_free() // cap1))
+            try:
+                off = self.arena_alloc.allocate(n * cap1)
+            except ArenaFullError:
+                return None
+            pieces = [s.queue.popleft() for _ in range(n)]
+            s.batches[off] = set(pieces)
+            for p in pieces:
+                s.piece_batch[p] = off
+            self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
+            return s, pieces, off, cap1
+        return None
+
+    def piece_capacity(self, bpp: int) -> int:
+        """Arena bytes one piece of ``bpp`` blocks may need before its real length is known."""
+        return _align(encode_capacity(self.layout.piece_elems * bpp, self.layout.element_size))
+
+    def _encode_batch(self, s: _Send, pieces: list[int], off: int, cap1: int) -> None:
+        t0 = time.perf_counter()
+        code = dtype_code(self.layout.dtype)
+        codebook = self.codebook_source(s.block_ids)
+        slots: list[tuple[int, int]] = []
+        cursor = off
+        pack = self.layout.device.type == "cpu"  # CPU: back to back; GPU: fixed slots, one header copy
+        for p in pieces:
+            layer, head, run = s.plan.coords(p)
+            regions = [v for b in s.plan.blocks(run) for v in self.layout.layers[layer].piece(s.block_ids[b], head)]
+            regions = [r if r.is_contiguous() else r.contiguous() for r in regions]
+            out = self.arena[cursor:cursor + cap1]
+            tag = transfer_tag(self.engine_id, s.rid, self.tp_rank, p, s.nonce)
+            self.backend.encode_into(regions, code, codebook, self.chunk_log2, out, tag=tag)
+            if pack:
+                n = parse_header(out[:HEADER_BYTES].numpy().tobytes()).payload_bytes
+                slots.append((cursor, n))
+                cursor += _align(n)
+            else:
+                slots.append((cursor, 0))
+                cursor += cap1
+        if not pack:
+            heads = torch.stack([self.arena[a:a + HEADER_BYTES] for a, _ in slots]).cpu()
+            slots = [(a, parse_header(h.numpy().tobytes()).payload_bytes) for (a, _), h in zip(slots, heads)]
+        wire = sum(n for _, n in slots)
+        raw = sum(len(s.plan.blocks(s.plan.coords(p)[2])) for p in pieces) * self.layout.piece_bytes
+        self.policy.observe_encode(raw, wire, time.perf_counter() - t0)
+        with self._cv:
+            if self._sends.get(s.rid) is not s or off not in s.batches:
+                return  # freed meanwhile (lease, abort): drop() already released the extent
+            if pack:
+                before = self.arena_alloc.size_of(off)
+                self.arena_alloc.shrink(off, cursor - off)
+                self.stats.add(arena_free_bytes=before - self.arena_alloc.size_of(off))
+                self._cv.notify_all()
+            base = self.arena.data_ptr()
+            itag = transfer_tag(self.engine_id, s.rid, self.tp_rank, INDEX_PIECE, s.nonce)
+            for p, (a, n) in zip(pieces, slots):
+                self.index.set_entry(s.index_off, p, base + a, n, itag)
+            self.stats.add(encoded_wire_bytes=wire, encoded_raw_bytes=raw, encode_seconds=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
