@@ -63,15 +63,16 @@ def cluster():
 
 
 def _wait_arena_drained(p: Server, timeout: float = 30) -> dict[str, float]:
+    """Prefill metrics once every published request was freed (read, expired or aborted) and the arena is empty."""
     deadline = time.monotonic() + timeout
     while True:
         m = p.metrics()
-        if m.get("vllm:splitzip_arena_alloc_bytes_total", 0) == m.get("vllm:splitzip_arena_free_bytes_total", 0):
+        if m.get("vllm:splitzip_arena_alloc_bytes_total", 0) == m.get("vllm:splitzip_arena_free_bytes_total", 0) \
+                and m.get("vllm:splitzip_encoded_requests_total", 0) == m.get("vllm:splitzip_freed_requests_total", 0):
             return m
         if time.monotonic() > deadline:
             return m
         time.sleep(0.5)
-
 
 def test_outputs_identical_and_kv_received(cluster):
     p, d, proxy = cluster["p"], cluster["d"], cluster["proxy"]

@@ -25,7 +25,8 @@ class SplitZipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     codebook: str = "auto"                 # "auto" (calibrate from the first prefills) or a codebook file path
     auto_calibration_requests: Annotated[int, msgspec.Meta(ge=1)] = 4   # "auto": prefills feeding the histogram
     codebook_out: str = ""                 # "auto": write the frozen codebook to this file
-    kv_dump_dir: str = ""                  # prefill: save the KV of prepared requests here (.safetensors)
+    kv_dump_dir: str = ""                  # save KV here (.safetensors): prefill what it publishes, decode what it
+                                           # received ("recv-" files)
     kv_dump_max_requests: NonNegInt = 16
     compression: str = "auto"              # "auto" | "always" | "never"
     codec_backend: str = "auto"            # reference | cpu | cuda | triton | auto

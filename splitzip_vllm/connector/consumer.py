@@ -29,13 +29,14 @@ from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, encode_n
 from .kv_layout import KVLayout, PiecePlan, coalesce, piece_ranges
 from .metadata import RecvRequest, RemoteInfo
 from .peers import Peer, PeerBook, PeerUnavailableError
-from .piece_index import INDEX_PIECE, IndexRevokedError, index_bytes, parse_index
+from .piece_index import ENTRY_BYTES, HEADER_BYTES, INDEX_PIECE, IndexRevokedError, parse_index
 
 logger = logging.getLogger("splitzip_vllm.connector")
 
 RECV_TICKET_SLOTS = 1 << 12     # raw loads in flight at once
 INDEX_LANDING_BYTES = 8 << 20   # host memory for piece-index READs in flight
-INDEX_POLL_S = 0.001            # at most one index READ per source per millisecond
+INDEX_POLL_S = (0.0005, 0.008)  # index READ interval per source: doubles while nothing new is ready
+INDEX_WINDOW = 4096             # entries per index READ (64 KiB): pieces become ready roughly in order
 
 
 def _align(x: int) -> int:
@@ -62,8 +63,9 @@ class _Source:
     located: dict[int, tuple[int, int]] = field(default_factory=dict)   # ready, not fetched yet
     peer: Peer | None = None
     asked: bool = False
-    index_read: tuple | None = None   # (handle, landing offset)
+    index_read: tuple | None = None   # (handle, landing offset, first entry, entries)
     last_index: float = 0.0
+    index_every: float = INDEX_POLL_S[0]
     reads: list = field(default_factory=list)     # (handle, extent, [(piece, offset, length)])
     jobs: list = field(default_factory=list)      # (future, extent, pieces)
     direct: tuple | None = None       # (handle, phase "data" | "ticket")
@@ -87,10 +89,11 @@ class _Load:
 
 class Consumer:
     def __init__(self, *, layout: KVLayout, transport: Transport, peers: PeerBook, tp_rank: int, tp_size: int,
-                 total_heads: int, recv_bytes: int, timeout_s: float, backend, stats):
+                 total_heads: int, recv_bytes: int, timeout_s: float, backend, stats, dump=None):
         self.layout, self.transport, self.peers = layout, transport, peers
         self.tp_rank, self.tp_size, self.total_heads = tp_rank, tp_size, total_heads
         self.timeout_s, self.backend, self.stats = timeout_s, backend, stats
+        self.dump = dump   # called with (remote request id, local block ids) after a load (kv_dump_dir)
         self.mem = "DRAM" if layout.device.type == "cpu" else "VRAM"
         self.dev = layout.device.index or 0 if layout.device.type != "cpu" else 0
         self.recv_buf = torch.empty(recv_bytes, dtype=torch.uint8, device=layout.device)
@@ -102,6 +105,7 @@ class Consumer:
         self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         self._loads: dict[str, _Load] = {}
         self._releases: list[tuple[RemoteInfo, float]] = []
+        self._cancelled: set[str] = set()
         self._zombies: list[tuple] = []   # (handle, free callback) whose DMA may still be in flight
 
     def registrations(self) -> list[tuple[int, int, str]]:
@@ -121,6 +125,16 @@ class Consumer:
             load.sources = self._plan_sources(req)
         except (LoadError, ValueError) as e:
             load.error = str(e)
+
+    def cancel(self, rid: str) -> None:
+        """vLLM aborted a request whose KV is loading: stop, free prefill's copy, report the load finished."""
+        load = self._loads.pop(rid, None)
+        if load is None:
+            return
+        for src in load.sources:
+            self._abandon(src)
+            self._notify(src, Done(request_id=load.req.remote.request_id, reader=src.reader, readers=src.readers))
+        self._cancelled.add(rid)
 
     def release(self, remote: RemoteInfo) -> None:
         """Nothing to read (full local prefix hit): tell the prefill ranks to free the request."""
@@ -144,9 +158,6 @@ class Consumer:
         out = []
         for p in range(lo // hp, (hi - 1) // hp + 1):
             m = Manifest.from_dict(remote.manifests[p])
-            if m.num_blocks != n:
-                raise LoadError(f"block count mismatch: prefill rank {p} published {m.num_blocks} blocks, decode "
-                                f"has {req.skip_blocks} cached + {len(req.local_block_ids)} to fill")
             readers = max(1, d_size // p_size)
             plan = PiecePlan(len(self.layout.layers), hp, n, remote.blocks_per_piece)
             src = _Source(p, m, plan, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
@@ -158,7 +169,7 @@ class Consumer:
     # ---- every step ------------------------------------------------------------------------------------------
     def poll(self) -> tuple[set[str], set[str]]:
         """Advance every load; returns (finished, failed) request ids (failed ones are in both)."""
-        finished: set[str] = set()
+        finished, self._cancelled = self._cancelled, set()
         failed: set[str] = set()
         self._send_releases()
         self._reap_zombies()
@@ -172,6 +183,12 @@ class Consumer:
                                     "prefill unreachable or overloaded?)", peer_lost=True)
             except LoadError as e:
                 self._fail(load, str(e), rejected=e.rejected, peer_lost=e.peer_lost)
+                failed.add(rid)
+                finished.add(rid)
+                continue
+            except Exception as e:  # never let one load take the engine down
+                logger.exception("SplitZipConnector: KV load for request %s raised", rid)
+                self._fail(load, f"{type(e).__name__}: {e}", rejected=False, peer_lost=False)
                 failed.add(rid)
                 finished.add(rid)
                 continue
@@ -193,6 +210,11 @@ class Consumer:
                 if src.peer is None:
                     continue
                 load.progress = time.monotonic()
+                n = load.req.skip_blocks + len(load.req.local_block_ids)
+                if src.manifest.num_blocks != n:   # checked after the handshake, which names a setting mismatch
+                    raise LoadError(f"block count mismatch: prefill rank {src.rank} published "
+                                    f"{src.manifest.num_blocks} blocks, decode has {load.req.skip_blocks} cached + "
+                                    f"{len(load.req.local_block_ids)} to fill")
             if src.manifest.mode == "direct":
                 self._advance_direct(load, src)
             elif src.manifest.mode == "splitzip":
@@ -210,44 +232,55 @@ class Consumer:
         self._finish_jobs(load, src)
         self._finish_reads(load, src)
         self._finish_index(load, src)
-        waiting = src.todo - set(src.located) - {p for _, _, ps in src.reads for p, _, _ in ps} \
-            - {p for _, _, ps in src.jobs for p in ps}
-        if waiting and src.index_read is None and time.monotonic() - src.last_index >= INDEX_POLL_S:
-            self._read_index(load, src)
+        waiting = self._unlocated(src)
+        if waiting and src.index_read is None and time.monotonic() - src.last_index >= src.index_every:
+            self._read_index(load, src, waiting)
         self._read_pieces(load, src)
         src.done = not src.todo
 
-    def _read_index(self, load: _Load, src: _Source) -> None:
-        size = index_bytes(src.plan.count)
+    def _unlocated(self, src: _Source) -> list[int]:
+        busy = {p for _, _, ps in src.reads for p, _, _ in ps} | {p for _, _, ps in src.jobs for p in ps}
+        return sorted(src.todo - set(src.located) - busy)
+
+    def _read_index(self, load: _Load, src: _Source, waiting: list[int]) -> None:
+        """READ the index header and the entries spanning the pieces still waiting (one READ, two ranges)."""
+        first = waiting[0]
+        count = max(p for p in waiting if p < first + INDEX_WINDOW) - first + 1
+        size = HEADER_BYTES + ENTRY_BYTES * count
         try:
             off = self.landing_alloc.allocate(size)
         except ArenaFullError:
             return
-        handle = self._read(src, [(self.landing.data_ptr() + off, size)], "DRAM",
-                            [(src.manifest.index_addr, size)], "DRAM", b"")
-        src.index_read = (handle, off)
+        local = self.landing.data_ptr() + off
+        addr = src.manifest.index_addr
+        handle = self._read(src, [(local, HEADER_BYTES), (local + HEADER_BYTES, size - HEADER_BYTES)], "DRAM",
+                            [(addr, HEADER_BYTES), (addr + HEADER_BYTES + ENTRY_BYTES * first, size - HEADER_BYTES)],
+                            "DRAM", b"")
+        src.index_read = (handle, off, first, count)
         src.last_index = time.monotonic()
         load.wire += size
+        self.stats.add(index_read_bytes=size)
 
     def _finish_index(self, load: _Load, src: _Source) -> None:
         if src.index_read is None or not self._done(src.index_read[0]):
             return
-        handle, off = src.index_read
+        handle, off, first, count = src.index_read
         src.index_read = None
         self.transport.release(handle)
-        raw = self.landing[off:off + index_bytes(src.plan.count)].numpy().tobytes()
+        raw = self.landing[off:off + HEADER_BYTES + ENTRY_BYTES * count].numpy().tobytes()
         self.landing_alloc.free(off)
-        busy = {p for _, _, ps in src.reads for p, _, _ in ps} | {p for _, _, ps in src.jobs for p in ps}
-        wanted = sorted(src.todo - set(src.located) - busy)
         tag = transfer_tag(load.req.remote.engine_id, load.req.remote.request_id, src.rank, INDEX_PIECE,
                            src.manifest.nonce)
         try:
-            ready = parse_index(raw, src.plan.count, tag, wanted)
+            ready = parse_index(raw, src.plan.count, tag, self._unlocated(src), first=first)
         except IndexRevokedError as e:
             raise LoadError(str(e), rejected=True) from None
         if ready:
             src.located.update(ready)
+            src.index_every = INDEX_POLL_S[0]
             load.progress = time.monotonic()
+        else:
+            src.index_every = min(2 * src.index_every, INDEX_POLL_S[1])
 
     def _read_pieces(self, load: _Load, src: _Source) -> None:
         """READ located pieces into the receive buffer, as many as one free extent holds."""
@@ -267,6 +300,7 @@ class Consumer:
                                 f"({self.recv_alloc.capacity} B); raise recv_buffer_bytes")
             return  # back-pressure: space frees as other pieces are decoded
         ext = self.recv_alloc.allocate(total)
+        self.stats.add(recv_alloc_bytes=self.recv_alloc.size_of(ext))
         base = self.recv_buf.data_ptr() + ext
         local, rem, pieces, cursor = [], [], [], 0
         for p in take:
@@ -299,11 +333,14 @@ class Consumer:
             if not fut.done():
                 keep.append((fut, ext, pieces))
                 continue
-            self.recv_alloc.free(ext)
+            self._free_recv(ext)
             try:
                 load.decode_s += fut.result()
             except PayloadError as e:
                 raise LoadError(f"received KV payload rejected: {e}", rejected=True) from None
+            except Exception as e:  # a codec bug must fail this load, never the engine
+                logger.exception("SplitZipConnector: decoding request %s raised", load.rid)
+                raise LoadError(f"decoding the received KV raised {type(e).__name__}: {e}") from None
             src.todo.difference_update(pieces)
             self._notify(src, Consumed(request_id=load.req.remote.request_id, pieces=pieces))
             load.progress = time.monotonic()
@@ -404,8 +441,12 @@ class Consumer:
                                        src.peer.info.device_id if remote_mem != "DRAM" else 0)
         except TransportError as e:
             if extent is not None:
-                self.recv_alloc.free(extent)
+                self._free_recv(extent)
             raise LoadError(str(e), peer_lost=True) from None
+
+    def _free_recv(self, ext: int) -> None:
+        self.stats.add(recv_free_bytes=self.recv_alloc.size_of(ext))
+        self.recv_alloc.free(ext)
 
     def _done(self, handle) -> bool:
         state = self.transport.poll(handle)
@@ -442,6 +483,8 @@ class Consumer:
         del self._loads[load.rid]
         remote = load.req.remote
         raw_bytes = len(load.req.local_block_ids) * self.layout.block_bytes
+        if self.dump is not None:
+            self.dump(f"recv-{remote.request_id}", load.req.local_block_ids)
         for src in load.sources:
             if src.manifest.mode == "splitzip":
                 self._notify(src, Done(request_id=remote.request_id, reader=src.reader, readers=src.readers))
@@ -466,8 +509,8 @@ class Consumer:
     def _abandon(self, src: _Source) -> None:
         """Release what a failed source holds; buffers of READs the transport will not release stay reserved."""
         for fut, ext, _ in src.jobs:
-            fut.add_done_callback(lambda _f, e=ext: self.recv_alloc.free(e))
-        handles = [(h, (lambda e=ext: self.recv_alloc.free(e))) for h, ext, _ in src.reads]
+            fut.add_done_callback(lambda _f, e=ext: self._free_recv(e))
+        handles = [(h, (lambda e=ext: self._free_recv(e))) for h, ext, _ in src.reads]
         if src.index_read is not None:
             handles.append((src.index_read[0], lambda o=src.index_read[1]: self.landing_alloc.free(o)))
         if src.direct is not None and src.direct[0] is not None:

@@ -36,6 +36,7 @@ class SplitZipConnectorMetadata(KVConnectorMetadata):
     reqs_to_recv: dict[str, RecvRequest] = field(default_factory=dict)    # decode: loads to start
     reqs_to_release: dict[str, RemoteInfo] = field(default_factory=dict)  # decode: nothing to read, free P
     reqs_not_sent: set[str] = field(default_factory=set)                  # prefill: aborted, drop its payload
+    reqs_to_cancel: set[str] = field(default_factory=set)                 # decode: aborted while loading
     heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
 
 

@@ -77,8 +77,10 @@ class IndexArena:
         self.alloc.free(off)
 
 
-def parse_index(raw: bytes | memoryview, n_pieces: int, tag: int, wanted: list[int]) -> dict[int, tuple[int, int]]:
-    """``{piece: (address, length)}`` for the ready pieces among ``wanted`` in an index READ by decode."""
+def parse_index(raw: bytes | memoryview, n_pieces: int, tag: int, wanted: list[int],
+                first: int = 0) -> dict[int, tuple[int, int]]:
+    """``{piece: (address, length)}`` for the ready pieces among ``wanted`` in an index READ by decode; ``raw``
+    holds the header and the entries from piece ``first`` on."""
     magic, version, _, n, _, got_tag, _ = _HEADER.unpack_from(raw, 0)
     if magic != MAGIC or got_tag != tag or n != n_pieces:
         raise IndexRevokedError(
@@ -86,10 +88,13 @@ def parse_index(raw: bytes | memoryview, n_pieces: int, tag: int, wanted: list[i
             f"read after the prefill's lease (kv_lease_duration) expired?")
     if version != VERSION:
         raise IndexRevokedError(f"piece index version {version}; this build reads {VERSION}")
-    ent = np.frombuffer(raw, dtype=_ENTRY, count=n_pieces, offset=HEADER_BYTES)
+    count = (len(raw) - HEADER_BYTES) // ENTRY_BYTES
+    ent = np.frombuffer(raw, dtype=_ENTRY, count=count, offset=HEADER_BYTES)
     out: dict[int, tuple[int, int]] = {}
     for i in wanted:
-        addr, length, check = (int(x) for x in ent[i].tolist())
+        if not first <= i < first + count:
+            continue
+        addr, length, check = (int(x) for x in ent[i - first].tolist())
         if length and check == entry_check(addr, length, i, tag):
             out[i] = (addr, length)
     return out

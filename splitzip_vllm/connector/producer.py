@@ -9,6 +9,7 @@ So a request of any length streams through an arena of any size, and the engine 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -46,7 +47,10 @@ class _Send:
     readers: int | None = None
     readers_done: set[int] = field(default_factory=set)
     queue: collections.deque = field(default_factory=collections.deque)   # wanted pieces not encoded yet
+    spec: collections.deque = field(default_factory=collections.deque)    # pieces to encode before asked
     wanted: set[int] = field(default_factory=set)
+    encoded: set[int] = field(default_factory=set)                        # encoded or being encoded
+    ready: object = None                                                  # GPU: event after the KV writes
     batches: dict[int, set[int]] = field(default_factory=dict)            # arena offset -> pieces unconsumed
     piece_batch: dict[int, int] = field(default_factory=dict)
 
@@ -65,7 +69,8 @@ class Producer:
         self._finished: set[str] = set()
         self._cv = threading.Condition()
         self._stop = False
-        self._rr: collections.deque[str] = collections.deque()   # round-robin over requests with wanted pieces
+        self._rr: collections.deque[str] = collections.deque()   # round-robin over requests with pieces to encode
+        self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         self._thread = threading.Thread(target=self._encode_loop, name="splitzip-encoder", daemon=True)
         self._thread.start()
 
@@ -95,7 +100,15 @@ class Producer:
                     reason = f"piece index memory full ({e}); sending raw"
                     self.stats.add(num_arena_fallbacks=1)
                 else:
-                    self._sends[rid] = _Send(rid, "splitzip", block_ids, plan, nonce=nonce, index_off=off)
+                    send = self._sends[rid] = _Send(rid, "splitzip", block_ids, plan, nonce=nonce, index_off=off)
+                    # start encoding before decode asks (most decodes want every piece): the Want then finds
+                    # them ready; arena use for this is capped so asked-for pieces always find room
+                    send.spec.extend(range(plan.count))
+                    if self.layout.device.type == "cuda":
+                        send.ready = torch.cuda.Event()
+                        send.ready.record(torch.cuda.current_stream(self.layout.device))
+                    self._rr.append(rid)
+                    self._cv.notify_all()
                     return Manifest(mode="splitzip", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
                                     nonce=nonce, index_addr=self.index.base + off)
             send = _Send(rid, "direct", block_ids, plan)
@@ -185,7 +198,7 @@ class Producer:
             return
         new = [p for p in s.plan.wanted(msg.head_lo, msg.head_hi, msg.block_lo) if p not in s.wanted]
         s.wanted.update(new)
-        s.queue.extend(new)
+        s.queue.extend(p for p in new if p not in s.encoded)
         if new and s.rid not in self._rr:
             self._rr.append(s.rid)
         self._cv.notify_all()
@@ -225,34 +238,55 @@ class Producer:
                 logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
 
     def _next_batch(self):
-        """(send, pieces, arena offset, capacities) of the next batch that fits, round-robin over requests."""
-        for _ in range(len(self._rr)):
-            rid = self._rr[0]
-            self._rr.rotate(-1)
-            s = self._sends.get(rid)
-            if s is None or not s.queue:
-                self._rr.remove(rid)
-                continue
-            cap1 = self.piece_capacity(s.plan.bpp)
-            n = max(1, min(len(s.queue), BATCH_RAW_BYTES // (cap1 or 1),
-                           self.arena_alloc.largest_free() // cap1))
-            try:
-                off = self.arena_alloc.allocate(n * cap1)
-            except ArenaFullError:
+        """(send, pieces, arena offset, capacity) of the next batch: pieces decode asked for first, round-robin
+        over requests; pieces not asked for yet only while the arena is less than half full."""
+        for speculative in (False, True):
+            if speculative and 2 * self.arena_alloc.used_bytes >= self.arena_alloc.capacity:
                 return None
-            pieces = [s.queue.popleft() for _ in range(n)]
-            s.batches[off] = set(pieces)
-            for p in pieces:
-                s.piece_batch[p] = off
-            self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
-            return s, pieces, off, cap1
+            for _ in range(len(self._rr)):
+                rid = self._rr[0]
+                self._rr.rotate(-1)
+                s = self._sends.get(rid)
+                if s is None or (not s.queue and not s.spec):
+                    self._rr.remove(rid)
+                    continue
+                queue = s.spec if speculative else s.queue
+                while queue and queue[0] in s.encoded:
+                    queue.popleft()
+                if queue:
+                    return self._reserve(s, queue)
         return None
+
+    def _reserve(self, s: _Send, queue: collections.deque):
+        cap1 = self.piece_capacity(s.plan.bpp)
+        n = max(1, min(len(queue), BATCH_RAW_BYTES // cap1, self.arena_alloc.largest_free() // cap1))
+        try:
+            off = self.arena_alloc.allocate(n * cap1)
+        except ArenaFullError:
+            return None
+        pieces = []
+        while queue and len(pieces) < n:
+            p = queue.popleft()
+            if p not in s.encoded:
+                pieces.append(p)
+        s.encoded.update(pieces)
+        s.batches[off] = set(pieces)
+        for p in pieces:
+            s.piece_batch[p] = off
+        self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
+        return s, pieces, off, cap1
 
     def piece_capacity(self, bpp: int) -> int:
         """Arena bytes one piece of ``bpp`` blocks may need before its real length is known."""
         return _align(encode_capacity(self.layout.piece_elems * bpp, self.layout.element_size))
 
     def _encode_batch(self, s: _Send, pieces: list[int], off: int, cap1: int) -> None:
+        if s.ready is not None:   # GPU: the encoder's stream waits for the forward pass that wrote this KV
+            self._stream.wait_event(s.ready)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            self._encode_pieces(s, pieces, off, cap1)
+
+    def _encode_pieces(self, s: _Send, pieces: list[int], off: int, cap1: int) -> None:
         t0 = time.perf_counter()
         code = dtype_code(self.layout.dtype)
         codebook = self.codebook_source(s.block_ids)

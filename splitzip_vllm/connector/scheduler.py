@@ -58,6 +58,8 @@ class SplitZipScheduler:
         self._reqs_to_release: dict[str, RemoteInfo] = {}
         self._reqs_not_sent: set[str] = set()
         self._reqs_to_encode: dict[str, list[int]] = {}
+        self._recving: set[str] = set()
+        self._reqs_to_cancel: set[str] = set()
         self._heartbeat: dict[str, RemoteInfo] = {}
         self._last_heartbeat = 0.0
 
@@ -109,6 +111,7 @@ class SplitZipScheduler:
             skip = sum(1 for b in groups[0] if b.block_hash is not None and not b.is_null)
             local = list(blocks.get_unhashed_block_ids())
             self._reqs_to_recv[request.request_id] = RecvRequest(local, skip, remote)
+            self._recving.add(request.request_id)
         else:  # full local prefix hit: nothing to read, let prefill free its copy
             self._reqs_to_release[request.request_id] = remote
             self._heartbeat.pop(request.request_id, None)
@@ -124,7 +127,7 @@ class SplitZipScheduler:
                 del self._pending_encode[rid]
         meta = SplitZipConnectorMetadata(reqs_to_encode=self._reqs_to_encode, reqs_to_recv=self._reqs_to_recv,
                                          reqs_to_release=self._reqs_to_release,
-                                         reqs_not_sent=self._reqs_not_sent)
+                                         reqs_not_sent=self._reqs_not_sent, reqs_to_cancel=self._reqs_to_cancel)
         now = time.monotonic()
         if self._heartbeat and now - self._last_heartbeat >= self.cfg.kv_lease_duration / 6:
             self._last_heartbeat = now
@@ -134,7 +137,7 @@ class SplitZipScheduler:
                 by_engine.setdefault(key, (info, []))[1].append(info.request_id)
             meta.heartbeats = list(by_engine.values())
         self._reqs_to_encode, self._reqs_to_recv = {}, {}
-        self._reqs_to_release, self._reqs_not_sent = {}, set()
+        self._reqs_to_release, self._reqs_not_sent, self._reqs_to_cancel = {}, set(), set()
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -142,6 +145,10 @@ class SplitZipScheduler:
         rid = request.request_id
         params = request.kv_transfer_params
         self._heartbeat.pop(rid, None)
+        if rid in self._recving:
+            # aborted while its KV is loading: vLLM keeps the blocks until the worker reports the load finished;
+            # the worker stops reading and tells prefill to free its copy
+            self._reqs_to_cancel.add(rid)
         if not params:
             return False, None
         if params.get("do_remote_prefill"):
@@ -184,6 +191,7 @@ class SplitZipScheduler:
                     self._manifests[rid] = by_rank
         for rid in connector_output.finished_recving or ():
             self._heartbeat.pop(rid, None)
+            self._recving.discard(rid)
         if self._awaiting_manifest:
             for rid, params in self._awaiting_manifest.items():
                 logger.error("no manifest arrived for request %s; decode will recompute its prompt", rid)

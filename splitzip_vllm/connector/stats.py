@@ -14,7 +14,8 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 COUNTERS: dict[str, tuple[str, str]] = {
     "num_transfers": ("splitzip_transfers", "KV loads completed by the decode side"),
     "raw_bytes": ("splitzip_raw_bytes", "Uncompressed KV bytes delivered to the decode KV cache"),
-    "wire_bytes": ("splitzip_wire_bytes", "Bytes read over NIXL for those KV loads"),
+    "wire_bytes": ("splitzip_wire_bytes", "Bytes read over NIXL for those KV loads (payloads and piece indexes)"),
+    "index_read_bytes": ("splitzip_index_read_bytes", "Part of the wire bytes spent reading piece indexes"),
     "transfer_seconds": ("splitzip_transfer_seconds", "Seconds from READ start to READ completion"),
     "decode_seconds": ("splitzip_decode_seconds", "Seconds spent decompressing into the KV cache"),
     "num_encoded": ("splitzip_encoded_requests", "Requests whose KV the prefill side prepared"),
@@ -32,6 +33,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "num_freed": ("splitzip_freed_requests", "Prefill requests whose KV was released (read, expired or aborted)"),
     "arena_alloc_bytes": ("splitzip_arena_alloc_bytes", "Send-arena bytes reserved for published payloads"),
     "arena_free_bytes": ("splitzip_arena_free_bytes", "Send-arena bytes released (read, expired or aborted)"),
+    "recv_alloc_bytes": ("splitzip_recv_alloc_bytes", "Receive-buffer bytes reserved for payload READs"),
+    "recv_free_bytes": ("splitzip_recv_free_bytes", "Receive-buffer bytes released (decoded or abandoned)"),
 }
 
 

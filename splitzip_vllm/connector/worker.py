@@ -18,6 +18,7 @@ from ..codec.codebook import Codebook, ExponentHistogram
 from ..codec.format import VERSION as FORMAT_VERSION
 from ..transport.nixl_agent import NixlTransport, mem_type_of
 from ..transport.side_channel import fetch_handshake
+from .budget import ModelGeometry, check_staging
 from .config import SplitZipConfig
 from .consumer import Consumer, LoadError, check_tp
 from .contracts import PROTOCOL_VERSION, Handshake, LayerSpec
@@ -90,6 +91,8 @@ class SplitZipWorker:
         mc = self.vllm_config.model_config
         geo = KVGeometry(self.block_size, mc.get_num_kv_heads(self.vllm_config.parallel_config), mc.get_head_size())
         self.layout = lay = KVLayout(kv_caches, geo)
+        check_staging(self.cfg, ModelGeometry.from_layout(lay, self.tp_size, self.total_heads),
+                      self.vllm_config.kv_transfer_config.kv_role)
         self.kv_dtype, self.kv_scales = kv_dtype_name(self.vllm_config, lay.dtype)
         self.backend = get_backend(self.cfg.codec_backend, lay.device) if lay.dtype == torch.bfloat16 else None
         if self.backend is None:
@@ -115,7 +118,8 @@ class SplitZipWorker:
             self.consumer = Consumer(layout=lay, transport=self.transport, peers=self.peers, tp_rank=self.tp_rank,
                                      tp_size=self.tp_size, total_heads=self.total_heads,
                                      recv_bytes=self.cfg.recv_buffer_bytes, timeout_s=self.cfg.transfer_timeout,
-                                     backend=self.backend, stats=self.stats)
+                                     backend=self.backend, stats=self.stats,
+                                     dump=self._dump_kv if self.cfg.kv_dump_dir else None)
             regs += self.consumer.registrations()
         for addr, size, mem in regs:
             self.transport.register([(addr, size)], mem, self.device_id if mem != "DRAM" else 0)
@@ -182,7 +186,7 @@ class SplitZipWorker:
         for rid in meta.reqs_not_sent:
             self.producer.drop(rid)
         for rid, block_ids in meta.reqs_to_encode.items():
-            if self.cfg.kv_dump_dir and self._dumped < self.cfg.kv_dump_max_requests:
+            if self.cfg.kv_dump_dir:
                 self._dump_kv(rid, block_ids)
             plan = PiecePlan(len(self.layout.layers), self.layout.geo.num_heads, len(block_ids), self.bpp)
             manifest = self.producer.publish(rid, block_ids, plan)
@@ -222,8 +226,11 @@ class SplitZipWorker:
         self._hist = None
 
     def _dump_kv(self, rid: str, block_ids: list[int]) -> None:
-        """Save a prepared request's KV pages (one tensor per layer) for calibration and benchmarks."""
+        """Save a request's KV blocks (one tensor per layer, ``[blocks, ...]``): prefill dumps what it publishes
+        (calibration, benchmarks), decode what it received (``recv-`` prefix; checks of lossless transfer)."""
         from safetensors.torch import save_file
+        if self._dumped >= self.cfg.kv_dump_max_requests:
+            return
         os.makedirs(self.cfg.kv_dump_dir, exist_ok=True)
         tensors = {f"layer{i}": l.blocks(block_ids).contiguous().cpu() for i, l in enumerate(self.layout.layers)}
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in rid)
@@ -245,6 +252,8 @@ class SplitZipWorker:
             self.consumer.heartbeat(info, rids)
         for rid, req in meta.reqs_to_recv.items():
             self.consumer.start(rid, req)
+        for rid in meta.reqs_to_cancel:
+            self.consumer.cancel(rid)
 
     # ---- every step -----------------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
