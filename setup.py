@@ -43,7 +43,6 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             depends=[_rel("csrc", "include", "splitzip", "format.h"),
-                     _rel("csrc", "include", "splitzip", "validate.h"),
                      _rel("csrc", "cpu", "splitzip_cpu.h")],
         )
     ]

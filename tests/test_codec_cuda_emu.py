@@ -22,10 +22,8 @@ import torch
 from _codec_util import channel_kv_bf16 as kv_like
 from _codec_util import to_v1, with_fields
 from splitzip_vllm.codec import reference
-from splitzip_vllm.codec.backends import cuda_backend
-from splitzip_vllm.codec.backends.cuda_backend import status_error_message
 from splitzip_vllm.codec.codebook import Codebook
-from splitzip_vllm.codec.format import HEADER_BYTES, PayloadError, encode_capacity, parse_header
+from splitzip_vllm.codec.format import HEADER_BYTES, PayloadError, decode_error_message, encode_capacity, parse_header
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -61,7 +59,6 @@ def lib(tmp_path_factory):
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_decode_workspace_bytes.restype = ctypes.c_size_t
     so.splitzip_cuda_decode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int]
-    so.splitzip_cuda_status_message.restype = ctypes.c_char_p
     so.sz_emu_configure(4, 2, 3)  # 4 "SMs" x 2 resident blocks, blocks run on 3 OS threads
     return so
 
@@ -267,7 +264,12 @@ def _emu_verdict(lib, payload: torch.Tensor, dtype: int, n: int, torch_dtype=tor
                        canary.view(torch.uint8).view(-1, buf.element_size())[keep]), "write outside the destination"
     plen = payload.numel() if payload_len is None else payload_len
     header = payload[:min(HEADER_BYTES, plen)].numpy().tobytes()
-    return status_error_message(code, aux, header, plen, dtype, n, tag)
+    return decode_error_message(code, aux, header, plen, dtype, n, tag)
+
+
+def _u16s(payload: torch.Tensor, off: int, count: int) -> list[int]:
+    b = payload[off:off + 2 * count].to(torch.int32)
+    return (b[0::2] | (b[1::2] << 8)).tolist()
 
 
 def test_corrupted_payloads_match_reference_errors(lib):
@@ -308,6 +310,14 @@ def test_corrupted_payloads_match_reference_errors(lib):
     p = payload.clone()
     p[body + lay.off_pos:body + lay.off_pos + 2] = torch.tensor([0xFF, 0xFF], dtype=torch.uint8)
     assert _emu_verdict(lib, p, BF16, n) == _reference_verdict(p, BF16, n)
+    counts = [int(p) for p in _u16s(payload, c0, lay.n_chunks)]
+    ch = next(i for i, k in enumerate(counts) if k >= 3)  # duplicate / descending positions inside one chunk
+    k0 = body + lay.off_pos + 2 * sum(counts[:ch])
+    for a, b in ((0, 2), (2, 0)):
+        p = payload.clone()
+        p[k0 + 2 * b:k0 + 2 * b + 2] = payload[k0 + 2 * a:k0 + 2 * a + 2]
+        msg = _emu_verdict(lib, p, BF16, n)
+        assert msg == _reference_verdict(p, BF16, n) and "not strictly ascending" in msg, msg
     last = body + lay.off_counts + 2 * (lay.n_chunks - 1)  # last chunk holds n % 256 = 41 elements
     p = payload.clone()
     p[last:last + 2] = torch.tensor([42, 0], dtype=torch.uint8)
@@ -348,18 +358,6 @@ def test_launcher_argument_checks(lib):
                                     None) == -1
     assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 12, 0, out.data_ptr(), cap,
                                     ws.data_ptr(), wsb, None) == -1
-
-
-def test_status_codes_match_python(lib):
-    """The C status table and cuda_backend's ST_* constants number the checks alike."""
-    msg = lib.splitzip_cuda_status_message
-    assert msg(cuda_backend.ST_CHECKSUM).startswith(b"payload checksum mismatch")
-    assert msg(cuda_backend.ST_DST_DTYPE).startswith(b"payload dtype differs")
-    assert msg(cuda_backend.ST_ESC_POS).startswith(b"escape table is corrupted: an escape position")
-    assert msg(cuda_backend.ST_HEADER_LAST).startswith(b"payload truncated")  # the last header check
-    assert msg(cuda_backend.ST_HEADER_LAST - 2).startswith(b"payload belongs to another transfer")
-    assert msg(cuda_backend.ST_HEADER_LAST - 1).startswith(b"format v1 payloads carry no transfer tag")
-    assert msg(cuda_backend.ST_CHECKSUM + 1) == b"unknown splitzip status code"
 
 
 TAGS = (1, 0x5A5A_0000_FFFF_1234, 2**63, 2**64 - 1)

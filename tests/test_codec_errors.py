@@ -214,6 +214,26 @@ def test_escape_table_errors(spec, device):
 
 
 @pytest.mark.parametrize("spec,device", BACKENDS)
+def test_escape_positions_strictly_increase(spec, device):
+    """Duplicate or descending escape positions within a chunk are refused by every decoder (FORMAT.md §6 step 4):
+    no element is patched twice; a position outside its chunk is the lower status and wins."""
+    order = "escape positions within a chunk are not strictly ascending"
+    expect_error(spec, device, build_exp4(512, 8, b"\x7f", [2, 0], [5, 5], [1, 2]), order, sizes=(512,))
+    expect_error(spec, device, build_exp4(512, 8, b"\x7f", [0, 3], [1, 9, 3], [1, 2, 3]), order, sizes=(512,))
+    expect_error(spec, device, build_exp4(512, 8, b"\x7f", [2, 1], [5, 5, 256], [1, 1, 1]),
+                 "escape position lies outside its chunk", sizes=(512,))
+    # positions are compared within a chunk only: a smaller position in the next chunk is fine (checksum 0 here)
+    expect_error(spec, device, build_exp4(512, 8, b"\x7f", [1, 1], [200, 3], [1, 1]), "checksum mismatch",
+                 sizes=(512,))
+    # in the real payload: the second escape of a chunk repeats the first one's position
+    counts = list(struct.unpack_from(f"<{LAY.n_chunks}H", EXP4, body_off("counts")))
+    c = next(i for i, k in enumerate(counts) if k >= 2)
+    k0 = sum(counts[:c])
+    first = struct.unpack_from("<H", EXP4, body_off("pos") + 2 * k0)[0]
+    expect_error(spec, device, _patch(EXP4, body_off("pos") + 2 * (k0 + 1), struct.pack("<H", first)), order)
+
+
+@pytest.mark.parametrize("spec,device", BACKENDS)
 @pytest.mark.parametrize("where", ["sm0", "sm_last", "codes", "codes_last", "pos", "exp", "raw_body", "cksum_a",
                                    "cksum_b"])
 def test_checksum_detects(spec, device, where):
@@ -229,10 +249,11 @@ def test_checksum_detects(spec, device, where):
         o = body_off("codes") + (N + 1) // 2 - 1
         p = _patch(EXP4, o, bytes([EXP4[o] ^ 0x10]))
     elif where == "pos":
-        # move the first escape to another position in its chunk (still in range)
+        # move the first escape to another position in its chunk (still in range, still before the next one)
         o = body_off("pos")
-        old = struct.unpack_from("<H", EXP4, o)[0]
-        p = _patch(EXP4, o, struct.pack("<H", (old + 1) % 184))
+        old, nxt = struct.unpack_from("<HH", EXP4, o)
+        assert old > 0 or nxt > 1
+        p = _patch(EXP4, o, struct.pack("<H", old - 1 if old > 0 else old + 1))
     elif where == "exp":
         o = body_off("exp") + m - 1
         p = _patch(EXP4, o, bytes([EXP4[o] ^ 0x04]))

@@ -159,3 +159,92 @@ def test_extension_header_pack_layout_crc_match_python():
         assert fmt.parse_header(v1, tag=0) == dataclasses.replace(h, version=1, transfer_tag=0)
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
         assert ext.crc32(data) == zlib.crc32(data) & 0xFFFFFFFF
+
+
+def test_status_enum_matches_python():
+    """format.h enum SzStatus and format.py Status number the checks alike; every status has one message."""
+    text = _header_text()
+    body = text[text.index("enum SzStatus {"):]
+    body = body[:body.index("};")]
+    c_codes = {name: int(v) for name, v in re.findall(r"SZ_(?:ERR_)?(\w+)\s*=\s*(\d+)", body)}
+    assert c_codes.pop("NUM_STATUS") == len(fmt.Status)
+    assert c_codes == {s.name: int(s) for s in fmt.Status}
+    assert set(fmt.STATUS_MESSAGES) == set(fmt.Status) - {fmt.Status.OK}
+    assert fmt.status_message(len(fmt.Status)) == f"unknown splitzip decode status {len(fmt.Status)}"
+    assert _constexpr_ints(text)["kLutEscape"] == fmt.LUT_ESCAPE
+
+
+def _random_header(rng: random.Random) -> tuple[bytes, int, int]:
+    """(header bytes, payload length, expected tag): a mostly plausible header of version 1 or 2, often
+    corrupted (bit flips, resealed field changes, truncations, other tags)."""
+    v1 = rng.random() < 0.25
+    dtype, mode = rng.randrange(7), rng.randrange(3)
+    n = rng.randrange(100000) if rng.random() < 0.9 else rng.randrange(1 << 64) >> rng.randrange(64)
+    code_bits = n_codes = cl2 = m = 0
+    cb = bytes(16)
+    esize = {0: 1, 1: 2, 2: 2, 3: 4, 4: 1, 5: 1}.get(dtype, 1)
+    body = n * esize
+    if mode == 1 or rng.random() < 0.2:
+        code_bits = 4 if rng.random() < 0.9 else rng.randrange(9)
+        n_codes = rng.randrange(1, 17) if rng.random() < 0.9 else rng.randrange(20)
+        cl2 = rng.randrange(8, 16) if rng.random() < 0.9 else rng.randrange(20)
+        cb = bytearray(100 + i if i < n_codes else 0 for i in range(16))
+        if rng.random() < 0.1:
+            cb[rng.randrange(16)] = rng.randrange(256)
+        cb = bytes(cb)
+        m = rng.randrange(n + 1) if n < 1 << 40 else rng.randrange(1 << 40)
+        if rng.random() < 0.05:
+            m = n + 1
+        body = fmt.Exp4Layout.compute(n, cl2, m).body_bytes if 8 <= cl2 <= 15 else rng.randrange(1 << 64)
+    if rng.random() < 0.05:
+        body += 1
+    tag = 0 if v1 or rng.random() < 0.3 else rng.randrange(1 << 64)
+    fields = [fmt.MAGIC, 1 if v1 else 2, dtype, mode, code_bits, n_codes, cl2, 0, 0, cb, n, m, body % (1 << 64),
+              rng.randrange(1 << 32), rng.randrange(1 << 32)]
+    if rng.random() < 0.03:
+        fields[7] = rng.randrange(1, 100)  # reserved
+    raw = bytearray(fmt._HEADER_V1.pack(*fields) if v1 else fmt._HEADER.pack(*fields, tag, bytes(fmt.EXT_BYTES)))
+    if not v1 and rng.random() < 0.03:
+        raw[72 + rng.randrange(24)] = rng.randrange(1, 256)
+    seal = lambda: struct.pack_into("<I", raw, 12, zlib.crc32(bytes(raw[:12]) + bytes(4) + bytes(raw[16:])))  # noqa
+    seal()
+    kind = rng.randrange(8)
+    if kind == 1:
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    elif kind == 2:
+        raw[4] = rng.choice([rng.randrange(256), 3 - raw[4]])
+        raw = raw + bytes(96 - len(raw)) if raw[4] == 2 else raw[:64] if raw[4] == 1 else raw
+        seal()
+    elif kind == 3:
+        raw[rng.randrange(4)] ^= 0x20
+    elif kind == 4:
+        raw[5 + rng.randrange(5)] = rng.randrange(256)
+        seal()
+    available = len(raw) + body
+    if kind == 5:
+        available = rng.randrange(len(raw))
+    elif kind == 6 and 0 < body < 1 << 62:
+        available = len(raw) + rng.randrange(body)
+    available = min(available, (1 << 64) - 1)
+    expected = tag if rng.random() < 0.85 else rng.choice([0, rng.randrange(1 << 64)])
+    return bytes(raw[:min(available, len(raw))]), available, expected
+
+
+def test_validator_agrees_with_python():
+    """format.h validate_header (bitwise and table CRC, as the CPU and CUDA decoders run it) gives the status of
+    the Python oracle format.parse_header on random and corrupted headers of versions 1 and 2."""
+    ext = _ext()
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(20000):
+        raw, available, tag = _random_header(rng)
+        try:
+            fmt.parse_header(raw, available, tag)
+            want = fmt.Status.OK
+        except fmt.PayloadError as e:
+            want = e.status
+        seen.add(want)
+        for use_table in (False, True):
+            got = ext.validate_header(raw, available, tag, use_table)
+            assert got == want, (raw.hex(), available, tag, got, want)
+    assert seen == set(fmt.HEADER_STATUSES) | {fmt.Status.OK}, set(fmt.HEADER_STATUSES) - seen

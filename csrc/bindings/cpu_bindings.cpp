@@ -1,9 +1,11 @@
 // Thin torch extension `splitzip_vllm._C_cpu` over csrc/cpu/splitzip_cpu.{h,cpp}.
 //
-// Errors: payload problems raise RuntimeError whose message starts with "splitzip.PayloadError: " (the Python
-// backend re-raises them as splitzip_vllm.codec.format.PayloadError); argument problems raise ValueError.
+// Errors: payload problems raise RuntimeError "splitzip.PayloadError: <status> <aux>" (an SzStatus of
+// splitzip/format.h; the Python backend re-raises it as splitzip_vllm.codec.format.PayloadError with the message
+// of format.py's status table); argument problems raise ValueError.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -83,8 +85,6 @@ int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, 
                           int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag);
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
-  } catch (const sz::cpu::PayloadError& e) {
-    throw std::runtime_error(std::string(kPayloadMarker) + e.what());
   }
   return int64_t(len);
 }
@@ -110,7 +110,7 @@ void decode_into(const at::Tensor& payload, int64_t payload_len, const std::vect
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
   } catch (const sz::cpu::PayloadError& e) {
-    throw std::runtime_error(std::string(kPayloadMarker) + e.what());
+    throw std::runtime_error(std::string(kPayloadMarker) + std::to_string(e.status) + " " + std::to_string(e.aux));
   }
 }
 
@@ -133,6 +133,7 @@ py::dict format_constants() {
   d["MAX_CHUNK_LOG2"] = sz::kMaxChunkLog2;
   d["DEFAULT_CHUNK_LOG2"] = sz::kDefaultChunkLog2;
   d["SECTION_ALIGN"] = sz::kSectionAlign;
+  d["LUT_ESCAPE"] = sz::kLutEscape;
   py::dict sizes;
   py::dict exp4;
   for (int c = 0; c < sz::kNumDtypes; ++c) {
@@ -173,6 +174,17 @@ py::tuple exp4_layout(uint64_t n, int chunk_log2, uint64_t m) {
   return py::make_tuple(l.n_chunks, l.off_codes, l.off_counts, l.off_pos, l.off_exp, l.body_bytes);
 }
 
+// format.h validate_header (tests: agreement with format.py). `header` holds the payload's first
+// min(available, 96) bytes or at least its header (zero-padded to 96 here); use_table: the CRC through the 256-entry table of the CUDA kernels. Returns the SzStatus.
+int validate_header_status(py::bytes header, uint64_t available, uint64_t tag, bool use_table) {
+  std::string s = header;
+  uint8_t buf[sz::kHeaderBytes] = {0};
+  std::memcpy(buf, s.data(), std::min<size_t>(s.size(), sizeof buf));
+  uint32_t tab[256];
+  for (uint32_t i = 0; i < 256; ++i) tab[i] = sz::crc32_table_entry(i);
+  return sz::validate_header(buf, available, tag, nullptr, use_table ? tab : nullptr);
+}
+
 uint32_t crc32_bytes(py::bytes data) {
   std::string s = data;
   return sz::crc32(reinterpret_cast<const uint8_t*>(s.data()), s.size());
@@ -198,6 +210,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "format.h pack_header (tests): 96 bytes, or 64 for version 1.");
   m.def("exp4_layout", &exp4_layout, "format.h Exp4Layout::compute -> (n_chunks, off_codes, off_counts, off_pos, off_exp, body_bytes).");
   m.def("crc32", &crc32_bytes, "format.h crc32 (tests).");
+  m.def("validate_header", &validate_header_status, py::arg("header"), py::arg("available"), py::arg("tag") = 0,
+        py::arg("use_table") = false, "format.h validate_header (tests): the SzStatus of a header.");
+  m.attr("NUM_STATUS") = int(SZ_NUM_STATUS);
   m.def("simd_level", &sz::cpu::simd_level, "0 = scalar, 1 = AVX-512 kernels in use.");
   m.def("max_simd_level", &sz::cpu::max_simd_level);
   m.def("set_simd_level", &sz::cpu::set_simd_level, py::arg("level"),

@@ -227,12 +227,6 @@ at::Tensor decode_ptrs(const at::Tensor& payload, int64_t payload_len, const at:
   return decode_impl(r, dev, payload, payload_len, dtype_code, status, tag);
 }
 
-py::dict status_codes() {
-  py::dict d;
-  for (int c = 0; c < SZ_NUM_STATUS; ++c) d[py::int_(c)] = splitzip_cuda_status_message(c);
-  return d;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -258,6 +252,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_workspace_bytes", &splitzip_cuda_encode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"),
         py::arg("codebook_given"), py::arg("chunk_log2"));
   m.def("decode_workspace_bytes", &splitzip_cuda_decode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"));
-  m.def("status_message", &splitzip_cuda_status_message, py::arg("code"));
-  m.def("status_codes", &status_codes, "code -> generic message of every decode status");
 }

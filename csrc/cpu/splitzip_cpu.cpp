@@ -1,4 +1,4 @@
-// SplitZip-KV CPU codec: FORMAT.md v1 payloads, byte-identical to splitzip_vllm/codec/reference.py.
+// SplitZip-KV CPU codec: FORMAT.md v2 payloads (v1 decoded too), byte-identical to splitzip_vllm/codec/reference.py.
 //
 // One pass over the data per direction. The data is cut into chunks of 2^chunk_log2 elements; each chunk is
 // processed from/into the caller's region directly when it lies inside one region, otherwise through a small
@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "splitzip/format.h"
-#include "splitzip/validate.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define SZ_X86 1
@@ -29,8 +28,6 @@
 namespace splitzip {
 namespace cpu {
 namespace {
-
-constexpr uint8_t kLutEscape = 0x80;  // escape marker in the 256-entry exponent -> code table
 
 // ---------------------------------------------------------------------------------------------------------------
 // Scalar kernels (reference semantics, also used for tails)
@@ -487,24 +484,6 @@ Scratch& scratch() {
 
 std::string dtype_list() { return "0 (uint8), 1 (bfloat16), 2 (float16), 3 (float32), 4 (float8_e4m3fn), 5 (float8_e5m2)"; }
 
-void write_header(uint8_t* out, int dtype, int mode, int n_codes, int chunk_log2, const uint8_t* cb16, uint64_t n,
-                  uint64_t m, uint64_t body_bytes, uint32_t ca, uint32_t cbsum, uint64_t tag) {
-  Header h;
-  h.transfer_tag = tag;
-  h.dtype = uint8_t(dtype);
-  h.mode = uint8_t(mode);
-  h.code_bits = mode == kModeExp4 ? kCodeBits : 0;
-  h.n_codes = uint8_t(n_codes);
-  h.chunk_log2 = uint8_t(chunk_log2);
-  if (cb16) std::memcpy(h.codebook, cb16, 16);
-  h.n_elems = n;
-  h.n_escapes = m;
-  h.body_bytes = body_bytes;
-  h.checksum_a = ca;
-  h.checksum_b = cbsum;
-  pack_header(h, out);
-}
-
 uint64_t encode_raw(const SrcRegion* regions, size_t nr, int dtype, uint64_t n, uint64_t raw_bytes, uint8_t* out,
                     uint64_t tag, const Kernels& k) {
   uint8_t* body = out + kHeaderBytes;
@@ -517,7 +496,7 @@ uint64_t encode_raw(const SrcRegion* regions, size_t nr, int dtype, uint64_t n, 
     cs.add_block(off, a, b);
     off += regions[i].n_bytes;
   }
-  write_header(out, dtype, kModeRaw, 0, 0, nullptr, n, 0, raw_bytes, cs.a, cs.b, tag);
+  pack_header(make_header(dtype, kModeRaw, 0, 0, nullptr, n, 0, raw_bytes, cs.a, cs.b, tag), out);
   return kHeaderBytes + raw_bytes;
 }
 
@@ -567,7 +546,8 @@ uint64_t encode_exp4(const SrcRegion* regions, size_t nr, uint64_t n, const uint
   const uint64_t pos_end = lay.off_pos + 2 * m;
   std::memset(body + pos_end, 0, lay.off_exp - pos_end);
   if (m) std::memcpy(body + lay.off_exp, sc.all_exp.data(), m);
-  write_header(out, kDtypeBFloat16, kModeExp4, n_codes, chunk_log2, cb16, n, m, lay.body_bytes, cs.a, cs.b, tag);
+  pack_header(make_header(kDtypeBFloat16, kModeExp4, n_codes, chunk_log2, cb16, n, m, lay.body_bytes, cs.a, cs.b, tag),
+              out);
   return kHeaderBytes + lay.body_bytes;
 }
 
@@ -575,6 +555,89 @@ void check_regions_bytes(uint64_t bytes, int esize, size_t i, const char* what) 
   if (bytes % uint64_t(esize))
     throw ArgumentError(std::string(what) + " region " + std::to_string(i) + " has " + std::to_string(bytes) +
                         " bytes, not a multiple of the element size " + std::to_string(esize));
+}
+
+Checksum decode_raw(const uint8_t* body, const DstRegion* regions, size_t nr, const Kernels& k) {
+  Checksum cs;
+  uint64_t off = 0;
+  for (size_t i = 0; i < nr; ++i) {
+    if (!regions[i].n_bytes) continue;
+    uint32_t a, b;
+    k.copy_checksum(regions[i].ptr, body + off, regions[i].n_bytes, a, b);
+    cs.add_block(off, a, b);
+    off += regions[i].n_bytes;
+  }
+  return cs;
+}
+
+// FORMAT.md §6 step 4, the chunk counts: they sum to n_escapes and none exceeds its chunk's length.
+void check_chunk_counts(const uint8_t* counts, const Exp4Layout& lay) {
+  const uint64_t C = uint64_t(1) << lay.chunk_log2;
+  uint64_t total = 0;
+  bool over = false;
+  for (uint64_t c = 0; c < lay.n_chunks; ++c) {
+    const uint32_t cnt = load_u16(counts + 2 * c);
+    total += cnt;
+    over |= cnt > std::min<uint64_t>(C, lay.n - c * C);
+  }
+  if (total != lay.n_escapes) throw PayloadError(SZ_ERR_ESC_SUM, total);
+  if (over) throw PayloadError(SZ_ERR_ESC_COUNT);
+}
+
+// Patch the `cnt` escapes of one decoded chunk (dst, len elements; sm its sm bytes) starting at escape `esc`,
+// each checked by check_escape before it is written; adjusts the chunk's checksum terms. Returns false when a
+// position is out of order (that escape is skipped; the caller reports SZ_ERR_ESC_ORDER unless a position
+// outside its chunk, the lower status, is found first).
+bool patch_escapes(const uint8_t* pos, const uint8_t* exps, uint64_t esc, uint32_t cnt, const uint8_t* sm,
+                   uint32_t len, uint8_t* dst, uint32_t& a, uint32_t& b) {
+  bool in_order = true;
+  for (uint32_t j = 0; j < cnt; ++j, ++esc) {
+    const uint32_t p = load_u16(pos + 2 * esc);
+    const int est = check_escape(p, j == 0, j ? load_u16(pos + 2 * (esc - 1)) : 0u, len);
+    if (est == SZ_ERR_ESC_POS) throw PayloadError(est);
+    if (est != SZ_OK) {
+      in_order = false;
+      continue;
+    }
+    const uint16_t x = combine(sm[p], exps[esc]);
+    const uint32_t lo_n = x & 0xFF, hi_n = x >> 8;
+    const uint32_t lo_o = dst[2 * p], hi_o = dst[2 * p + 1];
+    dst[2 * p] = uint8_t(lo_n);
+    dst[2 * p + 1] = uint8_t(hi_n);
+    a += (lo_n - lo_o) + (hi_n - hi_o);
+    b += (2 * p + 1) * (lo_n - lo_o) + (2 * p + 2) * (hi_n - hi_o);
+  }
+  return in_order;
+}
+
+Checksum decode_exp4(const Header& h, const uint8_t* body, const DstRegion* regions, size_t nr, const Kernels& k) {
+  const uint64_t n = h.n_elems;
+  const Exp4Layout lay = Exp4Layout::compute(n, h.chunk_log2, h.n_escapes);
+  const uint32_t C = 1u << h.chunk_log2;
+  const uint8_t* counts = body + lay.off_counts;
+  check_chunk_counts(counts, lay);
+  Scratch& sc = scratch();
+  sc.staging.resize(2 * size_t(C));
+  DstCursor cur(regions, nr);
+  Checksum cs;
+  bool in_order = true;
+  uint64_t esc = 0;
+  for (uint64_t c = 0; c < lay.n_chunks; ++c) {
+    const uint64_t start = c * C;
+    const uint32_t len = uint32_t(std::min<uint64_t>(C, n - start));
+    uint8_t* dst = cur.direct(2 * uint64_t(len));
+    const bool staged = dst == nullptr;
+    if (staged) dst = sc.staging.data();
+    uint32_t a, b;
+    k.decode_chunk(body + start, body + lay.off_codes + start / 2, len, h.codebook, dst, a, b);
+    const uint32_t cnt = load_u16(counts + 2 * c);
+    in_order &= patch_escapes(body + lay.off_pos, body + lay.off_exp, esc, cnt, body + start, len, dst, a, b);
+    esc += cnt;
+    cs.add_block(2 * start, a, b);
+    if (staged) cur.scatter(dst, 2 * uint64_t(len));
+  }
+  if (!in_order) throw PayloadError(SZ_ERR_ESC_ORDER);
+  return cs;
 }
 
 }  // namespace
@@ -637,8 +700,8 @@ uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uin
 void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regions, size_t n_regions, int dtype,
             uint64_t expected_tag) {
   Header h;
-  const std::string err = validate_header(payload, payload_len, expected_tag, &h);
-  if (!err.empty()) throw PayloadError(err);
+  const int st = validate_header(payload, payload_len, expected_tag, &h);
+  if (st != SZ_OK) throw PayloadError(st);
   if (!dtype_known(dtype))
     throw ArgumentError("unknown destination dtype code " + std::to_string(dtype) + "; known codes: " + dtype_list());
   const int esize = dtype_elem_size(dtype);
@@ -649,78 +712,13 @@ void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regio
       throw ArgumentError("destination region " + std::to_string(i) + " is null");
     dst_bytes += regions[i].n_bytes;
   }
-  const uint64_t dst_n = dst_bytes / uint64_t(esize);
-  if (h.dtype != dtype)
-    throw PayloadError("payload holds dtype code " + std::to_string(h.dtype) +
-                       " but the destination has dtype code " + std::to_string(dtype));
-  if (h.n_elems != dst_n)
-    throw PayloadError("payload holds " + std::to_string(h.n_elems) + " elements but the destination has " +
-                       std::to_string(dst_n));
+  const int dst_st = check_destination(h, dtype, dst_bytes / uint64_t(esize));
+  if (dst_st != SZ_OK) throw PayloadError(dst_st);
   const Kernels k = kernels();
   const uint8_t* body = payload + header_bytes_of(h.version);
-  const uint64_t n = h.n_elems;
-  Checksum cs;
-  if (h.mode == kModeRaw) {
-    uint64_t off = 0;
-    for (size_t i = 0; i < n_regions; ++i) {
-      if (!regions[i].n_bytes) continue;
-      uint32_t a, b;
-      k.copy_checksum(regions[i].ptr, body + off, regions[i].n_bytes, a, b);
-      cs.add_block(off, a, b);
-      off += regions[i].n_bytes;
-    }
-  } else {
-    const int cl2 = h.chunk_log2;
-    const uint64_t m = h.n_escapes;
-    const Exp4Layout lay = Exp4Layout::compute(n, cl2, m);
-    const uint32_t C = 1u << cl2;
-    const uint8_t* counts = body + lay.off_counts;
-    const uint8_t* pos = body + lay.off_pos;
-    const uint8_t* exps = body + lay.off_exp;
-    uint64_t total = 0;
-    bool over = false;
-    for (uint64_t c = 0; c < lay.n_chunks; ++c) {
-      const uint32_t cnt = load_u16(counts + 2 * c);
-      total += cnt;
-      over |= cnt > std::min<uint64_t>(C, n - c * C);
-    }
-    if (total != m)
-      throw PayloadError("escape table is corrupted: chunk counts sum to " + std::to_string(total) +
-                         ", header says " + std::to_string(m));
-    if (over) throw PayloadError("escape table is corrupted: a chunk claims more escapes than elements");
-    Scratch& sc = scratch();
-    sc.staging.resize(2 * size_t(C));
-    DstCursor cur(regions, n_regions);
-    uint64_t esc = 0;
-    for (uint64_t c = 0; c < lay.n_chunks; ++c) {
-      const uint64_t start = c * C;
-      const uint32_t len = uint32_t(std::min<uint64_t>(C, n - start));
-      uint8_t* dst = cur.direct(2 * uint64_t(len));
-      const bool staged = dst == nullptr;
-      if (staged) dst = sc.staging.data();
-      const uint8_t* sm = body + start;
-      uint32_t a, b;
-      k.decode_chunk(sm, body + lay.off_codes + start / 2, len, h.codebook, dst, a, b);
-      const uint32_t cnt = load_u16(counts + 2 * c);
-      for (uint32_t j = 0; j < cnt; ++j, ++esc) {
-        const uint32_t p = load_u16(pos + 2 * esc);
-        if (p >= len) throw PayloadError("escape table is corrupted: an escape position lies outside its chunk");
-        const uint16_t x = combine(sm[p], exps[esc]);
-        const uint32_t lo_n = x & 0xFF, hi_n = x >> 8;
-        const uint32_t lo_o = dst[2 * p], hi_o = dst[2 * p + 1];
-        dst[2 * p] = uint8_t(lo_n);
-        dst[2 * p + 1] = uint8_t(hi_n);
-        a += (lo_n - lo_o) + (hi_n - hi_o);
-        b += (2 * p + 1) * (lo_n - lo_o) + (2 * p + 2) * (hi_n - hi_o);
-      }
-      cs.add_block(2 * start, a, b);
-      if (staged) cur.scatter(dst, 2 * uint64_t(len));
-    }
-  }
-  if (cs.a != h.checksum_a || cs.b != h.checksum_b)
-    throw PayloadError(
-        "payload checksum mismatch: the decoded data differs from what was encoded (corrupted in transit or in "
-        "memory)");
+  const Checksum cs = h.mode == kModeRaw ? decode_raw(body, regions, n_regions, k)
+                                         : decode_exp4(h, body, regions, n_regions, k);
+  if (cs.a != h.checksum_a || cs.b != h.checksum_b) throw PayloadError(SZ_ERR_CHECKSUM);
 }
 
 }  // namespace cpu

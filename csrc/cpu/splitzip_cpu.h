@@ -9,10 +9,16 @@
 namespace splitzip {
 namespace cpu {
 
-// A payload is corrupted / truncated / does not fit the destination (Python: PayloadError).
+// A payload is corrupted / truncated / does not fit the destination (Python: PayloadError). Carries the SzStatus
+// of splitzip/format.h and its aux value (SZ_ERR_ESC_SUM: the sum of the chunk counts); the Python layer words
+// the message (splitzip_vllm/codec/format.py STATUS_MESSAGES).
 class PayloadError : public std::runtime_error {
  public:
-  explicit PayloadError(const std::string& m) : std::runtime_error(m) {}
+  PayloadError(int status, uint64_t aux = 0)
+      : std::runtime_error("splitzip payload status " + std::to_string(status) + " " + std::to_string(aux)),
+        status(status), aux(aux) {}
+  int status;
+  uint64_t aux;
 };
 // The caller passed inconsistent arguments (Python: ValueError).
 class ArgumentError : public std::invalid_argument {

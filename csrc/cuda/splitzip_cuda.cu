@@ -219,7 +219,7 @@ __device__ __forceinline__ void checksum_vec(const uint4 v, uint32_t k0, uint32_
   cudabits::checksum16(w, k0, ca, cb);
 }
 
-// 8 elements -> sm bytes, packed codes, escape bits (lut[e] = code, or 0x10 for an escape).
+// 8 elements -> sm bytes, packed codes, escape bits (lut[e] = code, or kLutEscape).
 __device__ __forceinline__ void encode_group(const uint4 v, const uint8_t* lut, uint32_t& sm_lo, uint32_t& sm_hi,
                                              uint32_t& codes, uint32_t& m8) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (tid == 0) s_tile = atomicAdd(&a.ctl->tile_counter, 1u);
   {  // lut[e] = code of exponent e = tid, or escape (codebook entries are distinct)
-    uint32_t code = cudabits::kLutEscape;
+    uint32_t code = kLutEscape;
 #pragma unroll
     for (int j = 0; j < kMaxCodes; ++j)
       if (j < a.n_codes && uint32_t(a.codebook[j]) == uint32_t(tid)) code = uint32_t(j);
@@ -610,16 +610,13 @@ __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
   }
   uint8_t* body = a.out + kHeaderBytes;
   if (blockIdx.x == 0) {
-    s_crc[tid] = cudafmt::crc32_table_entry(uint32_t(tid));
+    s_crc[tid] = crc32_table_entry(uint32_t(tid));
     __syncthreads();
     if (tid == 0) {
-      uint8_t cb16[16];
-#pragma unroll
-      for (int i = 0; i < 16; ++i) cb16[i] = (exp4 && i < a.n_codes) ? a.codebook[i] : uint8_t(0);
       __align__(16) uint8_t hb[kHeaderBytes];
-      cudafmt::build_header(hb, s_crc, a.dtype, exp4 ? kModeExp4 : kModeRaw, exp4 ? kCodeBits : 0,
-                            exp4 ? a.n_codes : 0, exp4 ? a.chunk_log2 : 0, cb16, n, exp4 ? m : 0,
-                            exp4 ? lay.body_bytes : n * uint64_t(a.esize), a.ctl->sum_a, a.ctl->sum_b, a.tag);
+      pack_header(make_header(a.dtype, exp4 ? kModeExp4 : kModeRaw, a.n_codes, a.chunk_log2, a.codebook, n, m,
+                              exp4 ? lay.body_bytes : n * uint64_t(a.esize), a.ctl->sum_a, a.ctl->sum_b, a.tag),
+                  hb, s_crc);
 #pragma unroll
       for (int i = 0; i < kHeaderBytes / 16; ++i)
         reinterpret_cast<uint4*>(a.out)[i] = reinterpret_cast<const uint4*>(hb)[i];
@@ -665,16 +662,15 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
                                                               int dtype, int64_t n_dst, uint64_t expected_tag,
                                                               DecCtl* ctl, uint32_t* status) {
   __shared__ uint32_t s_crc[256];
-  s_crc[threadIdx.x] = cudafmt::crc32_table_entry(threadIdx.x);
+  s_crc[threadIdx.x] = crc32_table_entry(threadIdx.x);
   __syncthreads();
   if (threadIdx.x != 0) return;
   uint8_t hb[kHeaderBytes];  // the first min(payload_len, 96) payload bytes (validation reads no more)
   const int avail = payload_len < uint64_t(kHeaderBytes) ? int(payload_len) : kHeaderBytes;
   for (int i = 0; i < avail; ++i) hb[i] = payload[i];
   Header h;
-  int code = cudafmt::validate_header_code(hb, payload_len, expected_tag, s_crc, &h);
-  if (code == SZ_OK && int(h.dtype) != dtype) code = SZ_ERR_DST_DTYPE;
-  if (code == SZ_OK && h.n_elems != uint64_t(n_dst)) code = SZ_ERR_DST_COUNT;
+  int code = validate_header(hb, payload_len, expected_tag, &h, s_crc);
+  if (code == SZ_OK) code = check_destination(h, dtype, uint64_t(n_dst));
   if (code == SZ_OK) {
     ctl->mode = h.mode;
     ctl->chunk_log2 = h.chunk_log2;
@@ -845,7 +841,8 @@ __device__ __forceinline__ void dec_exp4_tile(const DecArgs& a, const DecCtl& c,
   // escapes [E, E+TT) lie inside esc_pos / esc_exp only if E + TT <= n_escapes
   if (TT == 0 || E + TT > M || bad) return;
 
-  // 4. patch: each position is checked against its chunk's length before the element is written
+  // 4. patch: each position is checked (check_escape: inside its chunk, after the chunk's previous escape, so no
+  //    element is patched twice) before the element is written
   for (uint32_t r = tid; r < TT; r += kThreads) {
     int j = 0;  // last chunk of the tile whose escapes start at or before r
 #pragma unroll
@@ -857,8 +854,11 @@ __device__ __forceinline__ void dec_exp4_tile(const DecArgs& a, const DecCtl& c,
     const uint64_t k = E + r;
     const uint32_t pos = *reinterpret_cast<const uint16_t*>(body + c.off_pos + 2 * k);
     const uint32_t ex = body[c.off_exp + k];
-    if (uint64_t(pos) >= clen) {
-      record_error(a.status, SZ_ERR_ESC_POS);
+    const bool first = r == sh.cstart[j];  // k - 1 >= E otherwise: inside this tile's escapes
+    const uint32_t prev = first ? 0u : *reinterpret_cast<const uint16_t*>(body + c.off_pos + 2 * (k - 1));
+    const int st = check_escape(pos, first, prev, clen);
+    if (st != SZ_OK) {
+      record_error(a.status, uint32_t(st));
       continue;
     }
     const uint64_t i = ch * C + pos;
@@ -999,46 +999,6 @@ using namespace splitzip;
 using namespace splitzip::cudak;
 
 extern "C" {
-
-const char* splitzip_cuda_status_message(int code) {
-  switch (code) {
-    case SZ_OK: return "ok";
-    case SZ_ERR_TRUNCATED_HEADER: return "payload truncated: the header alone needs 64 bytes (96 in version 2)";
-    case SZ_ERR_MAGIC: return "not a splitzip payload: bad magic, expected b'SZKV'";
-    case SZ_ERR_VERSION:
-      return "unsupported splitzip format version; this build reads versions 1 and 2 (upgrade splitzip-vllm on "
-             "both prefill and decode)";
-    case SZ_ERR_HEADER_CRC: return "payload header is corrupted (header CRC mismatch)";
-    case SZ_ERR_DTYPE: return "payload header names unknown dtype code";
-    case SZ_ERR_RESERVED: return "payload header has non-zero reserved field";
-    case SZ_ERR_RAW_FIELDS: return "RAW payload header has coding fields set";
-    case SZ_ERR_RAW_BODY: return "RAW payload body length does not match its element count";
-    case SZ_ERR_EXP4_DTYPE: return "EXP4 coding is not defined for the payload's dtype";
-    case SZ_ERR_CODE_BITS: return "unsupported code width";
-    case SZ_ERR_N_CODES: return "codebook size outside 1..16";
-    case SZ_ERR_CHUNK_LOG2: return "chunk_log2 outside 8..15";
-    case SZ_ERR_ESCAPES_GT_N: return "more escapes than elements";
-    case SZ_ERR_CODEBOOK: return "payload codebook is malformed (duplicate or stray entries)";
-    case SZ_ERR_EXP4_BODY: return "payload body length does not match its element and escape counts";
-    case SZ_ERR_MODE: return "unknown payload mode";
-    case SZ_ERR_EXT: return "payload header has non-zero ext field (reserved for later modes)";
-    case SZ_ERR_TAG:
-      return "payload belongs to another transfer: its transfer tag differs from the expected one (another "
-             "request, layer or an older allocation: a read after the prefill's lease expired?)";
-    case SZ_ERR_TAG_V1:
-      return "format v1 payloads carry no transfer tag (implicit tag 0), but a non-zero tag is expected";
-    case SZ_ERR_TRUNCATED_BODY: return "payload truncated: shorter than the header's body length";
-    case SZ_ERR_DST_DTYPE: return "payload dtype differs from the destination dtype";
-    case SZ_ERR_DST_COUNT: return "payload element count differs from the destination's";
-    case SZ_ERR_ESC_SUM: return "escape table is corrupted: chunk counts do not sum to the header's escape count";
-    case SZ_ERR_ESC_COUNT: return "escape table is corrupted: a chunk claims more escapes than elements";
-    case SZ_ERR_ESC_POS: return "escape table is corrupted: an escape position lies outside its chunk";
-    case SZ_ERR_CHECKSUM:
-      return "payload checksum mismatch: the decoded data differs from what was encoded "
-             "(corrupted in transit or in memory)";
-    default: return "unknown splitzip status code";
-  }
-}
 
 size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int chunk_log2) {
   return enc_plan(n_elems, dtype, codebook_given != 0, chunk_log2).ws_bytes;

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "splitzip/format.h"  // SzStatus
+
 #if defined(SPLITZIP_CUDA_EMU)
 #include "emu/cuda_emu.h"
 #elif !defined(SPLITZIP_CUDA_NO_RUNTIME)  // host tests that only need the types below define this
@@ -34,39 +36,10 @@ typedef struct SzRegions {
   int64_t n;
 } SzRegions;
 
-// Device status words written by decode: status[0] = code (0 = OK, else SzStatus), status[1..2] = aux (u64,
-// little-endian word order; for SZ_ERR_ESC_SUM the sum of the chunk counts), status[3] = 0.
-// Codes are ordered like the checks of FORMAT.md §6 (when several problems are present, the lowest is kept).
-enum SzStatus {
-  SZ_OK = 0,
-  SZ_ERR_TRUNCATED_HEADER = 1,   // buffer shorter than 64 bytes, or than the 96 of a version-2 header
-  SZ_ERR_MAGIC = 2,
-  SZ_ERR_VERSION = 3,            // neither 1 nor 2
-  SZ_ERR_HEADER_CRC = 4,
-  SZ_ERR_DTYPE = 5,              // unknown dtype code
-  SZ_ERR_RESERVED = 6,
-  SZ_ERR_RAW_FIELDS = 7,
-  SZ_ERR_RAW_BODY = 8,
-  SZ_ERR_EXP4_DTYPE = 9,
-  SZ_ERR_CODE_BITS = 10,
-  SZ_ERR_N_CODES = 11,
-  SZ_ERR_CHUNK_LOG2 = 12,
-  SZ_ERR_ESCAPES_GT_N = 13,
-  SZ_ERR_CODEBOOK = 14,
-  SZ_ERR_EXP4_BODY = 15,
-  SZ_ERR_MODE = 16,              // unknown mode
-  SZ_ERR_EXT = 17,               // non-zero ext area (version 2)
-  SZ_ERR_TAG = 18,               // version 2: transfer tag differs from the expected one (FORMAT.md §6a)
-  SZ_ERR_TAG_V1 = 19,            // version 1 (implicit tag 0) but a non-zero tag is expected
-  SZ_ERR_TRUNCATED_BODY = 20,    // buffer shorter than header bytes + body_bytes
-  SZ_ERR_DST_DTYPE = 21,         // destination dtype differs from the header's
-  SZ_ERR_DST_COUNT = 22,         // destination element count differs from the header's
-  SZ_ERR_ESC_SUM = 23,           // chunk counts do not sum to n_escapes (aux = their sum)
-  SZ_ERR_ESC_COUNT = 24,         // a chunk count exceeds its chunk length
-  SZ_ERR_ESC_POS = 25,           // an escape position lies outside its chunk
-  SZ_ERR_CHECKSUM = 26,          // decoded data does not match checksum_a / checksum_b
-  SZ_NUM_STATUS = 27
-};
+// Device status words written by decode: status[0] = code (0 = OK, else an SzStatus of splitzip/format.h),
+// status[1..2] = aux (u64, little-endian word order; for SZ_ERR_ESC_SUM the sum of the chunk counts), status[3] = 0.
+// When several problems are present, the lowest code is kept (codes follow the check order of FORMAT.md §6).
+// Messages: splitzip_vllm/codec/format.py (STATUS_MESSAGES).
 
 // Launcher results (host-side argument problems; nothing is enqueued). Positive values are cudaError_t.
 enum SzLaunchResult {
@@ -78,9 +51,6 @@ enum SzLaunchResult {
 };
 
 #if !defined(SPLITZIP_CUDA_NO_RUNTIME) || defined(SPLITZIP_CUDA_EMU)
-// Generic message for a status code (the Python layer adds header-specific details).
-const char* splitzip_cuda_status_message(int code);
-
 // Bytes of device workspace that encode needs (contents need not be initialized; the launcher clears what it
 // needs with cudaMemsetAsync). `codebook_given` = n_codes > 0.
 size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int chunk_log2);

@@ -52,9 +52,6 @@ SZ_HD void checksum16(const uint32_t w[4], uint32_t k0, uint32_t& ca, uint32_t& 
   cb += (k0 + 1u) * s + j;  // sum_j (k0 + j + 1) * b_j mod 2^32
 }
 
-// lut entry for an exponent: its code 0..15, or kLutEscape.
-constexpr uint32_t kLutEscape = 0x10u;
-
 // Encode 8 elements (w[q] = element 2q | element 2q+1 << 16): sm bytes (sm_lo = elements 0..3), packed codes
 // (even element in the low nibble, escapes coded 0), escape bits (bit k = element k).
 SZ_HD void encode8(const uint32_t w[4], const uint8_t* lut, uint32_t& sm_lo, uint32_t& sm_hi, uint32_t& codes,
@@ -71,7 +68,8 @@ SZ_HD void encode8(const uint32_t w[4], const uint8_t* lut, uint32_t& sm_lo, uin
   const uint32_t v1 = l[4] | (l[5] << 8) | (l[6] << 16) | (l[7] << 24);
   const uint32_t t0 = v0 & 0x0F0F0F0Fu, t1 = v1 & 0x0F0F0F0Fu;
   codes = prmt(t0 | (t0 >> 4), t1 | (t1 >> 4), 0x6420);
-  const uint32_t e0 = (v0 >> 4) & 0x01010101u, e1 = (v1 >> 4) & 0x01010101u;
+  static_assert(kLutEscape == 0x80, "escape bit = bit 7 of a lut byte");
+  const uint32_t e0 = (v0 >> 7) & 0x01010101u, e1 = (v1 >> 7) & 0x01010101u;
   m8 = ((e0 | (e0 >> 7) | (e0 >> 14) | (e0 >> 21)) & 0xFu) |
        (((e1 | (e1 >> 7) | (e1 >> 14) | (e1 >> 21)) & 0xFu) << 4);
 }

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from .format import (DEFAULT_CHUNK_LOG2, HEADER_BYTES, MAX_CODES, Exp4Layout)
+from .format import (DEFAULT_CHUNK_LOG2, HEADER_BYTES, LUT_ESCAPE, MAX_CODES, Exp4Layout)
 
 FILE_FORMAT = "splitzip-codebook"
 FILE_VERSION = 1
@@ -48,8 +48,8 @@ class Codebook:
         return bytes(self.exponents) + bytes(MAX_CODES - self.n_codes)
 
     def encode_lut(self) -> list[int]:
-        """256 entries: code for each exponent, or -1 for escape."""
-        lut = [-1] * 256
+        """256 entries: code for each exponent, or ``format.LUT_ESCAPE`` for an escape."""
+        lut = [LUT_ESCAPE] * 256
         for j, e in enumerate(self.exponents):
             lut[e] = j
         return lut

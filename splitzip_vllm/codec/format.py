@@ -2,11 +2,17 @@
 
 The format is specified in ``docs/FORMAT.md``; this module is its Python twin (the C++/CUDA twin is
 ``csrc/include/splitzip/format.h``). Nothing here touches tensor data.
+
+Validation verdicts are :class:`Status` codes (the twin of format.h ``enum SzStatus``); :data:`STATUS_MESSAGES` is
+the ONE place their messages are worded, for every backend: the Python validator (:func:`parse_header`, the
+oracle), and the C++ / CUDA decoders, which report a status code (:func:`decode_error_message`).
 """
 from __future__ import annotations
 
+import enum
 import struct
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,7 @@ MIN_CHUNK_LOG2 = 8
 MAX_CHUNK_LOG2 = 15
 DEFAULT_CHUNK_LOG2 = 12
 SECTION_ALIGN = 16
+LUT_ESCAPE = 0x80           # escape marker of a 256-entry exponent -> code table (format.h kLutEscape)
 
 # dtype code -> (torch dtype, element size, EXP4 allowed)
 _DTYPES: dict[int, tuple[torch.dtype, int, bool]] = {
@@ -50,8 +57,98 @@ assert _HEADER_V1.size == HEADER_BYTES_V1 and _HEADER.size == HEADER_BYTES
 _OFF_CRC = 12
 
 
+class Status(enum.IntEnum):
+    """Decode verdicts (FORMAT.md §6) in the order of the checks: the lowest code of several problems is
+    reported. Twin of ``enum SzStatus`` in format.h (tests/test_format_constants.py)."""
+    OK = 0
+    TRUNCATED_HEADER = 1
+    MAGIC = 2
+    VERSION = 3
+    HEADER_CRC = 4
+    DTYPE = 5
+    RESERVED = 6
+    RAW_FIELDS = 7
+    RAW_BODY = 8
+    EXP4_DTYPE = 9
+    CODE_BITS = 10
+    N_CODES = 11
+    CHUNK_LOG2 = 12
+    ESCAPES_GT_N = 13
+    CODEBOOK = 14
+    EXP4_BODY = 15
+    MODE = 16
+    EXT = 17
+    TAG = 18
+    TAG_V1 = 19
+    TRUNCATED_BODY = 20
+    DST_DTYPE = 21
+    DST_COUNT = 22
+    ESC_SUM = 23
+    ESC_COUNT = 24
+    ESC_POS = 25
+    ESC_ORDER = 26
+    CHECKSUM = 27
+
+
+HEADER_STATUSES = range(Status.TRUNCATED_HEADER, Status.TRUNCATED_BODY + 1)  # FORMAT.md §6 steps 1-3, header
+
+# The message of every status ({fields} come from the header, the destination and the decode's arguments).
+STATUS_MESSAGES: dict[Status, str] = {
+    Status.TRUNCATED_HEADER: "payload truncated: {available} bytes, the header alone needs {need}",
+    Status.MAGIC: "not a splitzip payload: magic {magic!r}, expected " + repr(MAGIC),
+    Status.VERSION: ("unsupported splitzip format version {version}; this build reads versions "
+                     f"{VERSION_V1} and {VERSION} (upgrade splitzip-vllm on both prefill and decode)"),
+    Status.HEADER_CRC: "payload header is corrupted (header CRC mismatch)",
+    Status.DTYPE: "payload header names unknown dtype code {dtype}",
+    Status.RESERVED: "payload header has non-zero reserved field",
+    Status.RAW_FIELDS: "RAW payload header has coding fields set",
+    Status.RAW_BODY: "RAW payload body is {body_bytes} bytes but {n_elems} elements of size {esize} need {need}",
+    Status.EXP4_DTYPE: "EXP4 coding is not defined for dtype code {dtype}",
+    Status.CODE_BITS: "unsupported code width {code_bits} bits (this build reads " + str(CODE_BITS) + ")",
+    Status.N_CODES: "codebook size {n_codes} outside 1.." + str(MAX_CODES),
+    Status.CHUNK_LOG2: "chunk_log2 {chunk_log2} outside " + f"{MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}",
+    Status.ESCAPES_GT_N: "{n_escapes} escapes for only {n_elems} elements",
+    Status.CODEBOOK: "payload codebook is malformed (duplicate or stray entries)",
+    Status.EXP4_BODY: "payload body length does not match its element and escape counts",
+    Status.MODE: "unknown payload mode {mode}",
+    Status.EXT: "payload header has non-zero ext field (reserved for later modes)",
+    Status.TAG: ("payload belongs to another transfer: its transfer tag is {tag_hex}, expected {expected_hex} "
+                 "(another request, layer or an older allocation: a read after the prefill's lease expired?)"),
+    Status.TAG_V1: ("format v1 payloads carry no transfer tag (implicit tag 0x" + "0" * 16 + "), but this decode "
+                    "expects transfer tag {expected_hex}: upgrade splitzip-vllm on the sending side"),
+    Status.TRUNCATED_BODY: "payload truncated: {available} bytes, header says {need}",
+    Status.DST_DTYPE: "payload holds dtype code {dtype} but the destination has dtype code {dst_dtype}",
+    Status.DST_COUNT: "payload holds {n_elems} elements but the destination has {dst_n}",
+    Status.ESC_SUM: "escape table is corrupted: chunk counts sum to {aux}, header says {n_escapes}",
+    Status.ESC_COUNT: "escape table is corrupted: a chunk claims more escapes than elements",
+    Status.ESC_POS: "escape table is corrupted: an escape position lies outside its chunk",
+    Status.ESC_ORDER: "escape table is corrupted: escape positions within a chunk are not strictly ascending",
+    Status.CHECKSUM: ("payload checksum mismatch: the decoded data differs from what was encoded "
+                      "(corrupted in transit or in memory)"),
+}
+
+
+def status_message(status: int, **fields) -> str:
+    """The message of ``status``; fields it names but that are not given read ``?``."""
+    try:
+        template = STATUS_MESSAGES[Status(status)]
+    except ValueError:
+        return f"unknown splitzip decode status {status}"
+    return template.format_map(defaultdict(lambda: "?", fields))
+
+
 class PayloadError(ValueError):
-    """A payload is corrupted, truncated, of another format version, or does not fit its destination."""
+    """A payload is corrupted, truncated, of another format version, or does not fit its destination.
+
+    ``status`` is the :class:`Status` of the failed check (None for problems outside the status table)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = Status(status) if status is not None else None
+
+    @classmethod
+    def of(cls, status: int, **fields) -> "PayloadError":
+        return cls(status_message(status, **fields), status)
 
 
 class UnsupportedDtypeError(TypeError):
@@ -169,36 +266,33 @@ class Header:
 
 def tag_mismatch_message(version: int, tag: int, expected: int) -> str:
     """Why a payload of transfer ``tag`` (format ``version``) is refused where ``expected`` is (FORMAT.md §6a)."""
-    if version == VERSION_V1:
-        return (f"format v1 payloads carry no transfer tag (implicit tag 0x{0:016x}), but this decode expects "
-                f"transfer tag 0x{expected:016x}: upgrade splitzip-vllm on the sending side")
-    return (f"payload belongs to another transfer: its transfer tag is 0x{tag:016x}, expected 0x{expected:016x} "
-            f"(another request, layer or an older allocation: a read after the prefill's lease expired?)")
+    return status_message(Status.TAG_V1 if version == VERSION_V1 else Status.TAG, tag_hex=f"0x{tag:016x}",
+                          expected_hex=f"0x{expected:016x}")
 
 
 def parse_header(buf: bytes | bytearray | memoryview, available: int | None = None,
                  tag: int | None = None) -> Header:
-    """Parse and validate a header of version 1 or 2 (FORMAT.md §6 steps 1-3 for the header alone).
+    """Parse and validate a header of version 1 or 2 (FORMAT.md §6 steps 1-3 for the header alone): the oracle of
+    format.h ``validate_header``; raises :class:`PayloadError` with the failed check's ``status``.
 
     ``available`` is the payload buffer length; when given, truncation is detected. ``tag``: the transfer tag the
     caller expects (FORMAT.md §6a); None skips that check (reading a length, not decoding).
     """
     if len(buf) < HEADER_BYTES_V1:
-        raise PayloadError(f"payload truncated: {len(buf)} bytes, the header alone needs {HEADER_BYTES_V1}")
+        raise PayloadError.of(Status.TRUNCATED_HEADER, available=len(buf), need=HEADER_BYTES_V1)
     raw = bytes(buf[:HEADER_BYTES])
     magic, version = raw[:4], raw[4]
     if magic != MAGIC:
-        raise PayloadError(f"not a splitzip payload: magic {magic!r}, expected {MAGIC!r}")
+        raise PayloadError.of(Status.MAGIC, magic=magic)
     hb = header_bytes_of(version)
     if hb == 0:
-        raise PayloadError(f"unsupported splitzip format version {version}; this build reads versions "
-                           f"{VERSION_V1} and {VERSION} (upgrade splitzip-vllm on both prefill and decode)")
+        raise PayloadError.of(Status.VERSION, version=version)
     if len(raw) < hb:
-        raise PayloadError(f"payload truncated: {len(raw)} bytes, the header alone needs {hb}")
+        raise PayloadError.of(Status.TRUNCATED_HEADER, available=len(raw), need=hb)
     raw = raw[:hb]
     crc = struct.unpack_from("<I", raw, _OFF_CRC)[0]
     if zlib.crc32(raw[:_OFF_CRC] + bytes(4) + raw[_OFF_CRC + 4:]) & 0xFFFFFFFF != crc:
-        raise PayloadError("payload header is corrupted (header CRC mismatch)")
+        raise PayloadError.of(Status.HEADER_CRC)
     if version == VERSION:
         (*fields, transfer_tag, ext) = _HEADER.unpack(raw)
     else:
@@ -209,46 +303,79 @@ def parse_header(buf: bytes | bytearray | memoryview, available: int | None = No
                  version, transfer_tag)
     _check_fields(hdr, reserved)
     if any(ext):
-        raise PayloadError("payload header has non-zero ext field (reserved for later modes)")
+        raise PayloadError.of(Status.EXT)
     if tag is not None and transfer_tag != tag:
-        raise PayloadError(tag_mismatch_message(version, transfer_tag, tag))
+        raise PayloadError(tag_mismatch_message(version, transfer_tag, tag),
+                           Status.TAG_V1 if version == VERSION_V1 else Status.TAG)
     if available is not None and available < hb + body_bytes:
-        raise PayloadError(f"payload truncated: {available} bytes, header says {hb + body_bytes}")
+        raise PayloadError.of(Status.TRUNCATED_BODY, available=available, need=hb + body_bytes)
     return hdr
 
 
 def _check_fields(h: Header, reserved: int) -> None:
     """FORMAT.md §6 step 2: dtype, reserved field, mode and the mode's field combination."""
-    dtype, mode, n_codes, n_elems, n_escapes, body_bytes = (h.dtype, h.mode, h.n_codes, h.n_elems, h.n_escapes,
-                                                            h.body_bytes)
-    if dtype not in _DTYPES:
-        raise PayloadError(f"payload header names unknown dtype code {dtype}")
+    if h.dtype not in _DTYPES:
+        raise PayloadError.of(Status.DTYPE, dtype=h.dtype)
     if reserved != 0:
-        raise PayloadError("payload header has non-zero reserved field")
-    esize = element_size(dtype)
-    if mode == MODE_RAW:
-        if h.code_bits or n_codes or h.chunk_log2 or n_escapes or any(h.codebook):
-            raise PayloadError("RAW payload header has coding fields set")
-        if body_bytes != n_elems * esize:
-            raise PayloadError(f"RAW payload body is {body_bytes} bytes but {n_elems} elements of size "
-                               f"{esize} need {n_elems * esize}")
-    elif mode == MODE_EXP4:
-        if not exp4_allowed(dtype):
-            raise PayloadError(f"EXP4 coding is not defined for dtype code {dtype}")
-        if h.code_bits != CODE_BITS:
-            raise PayloadError(f"unsupported code width {h.code_bits} bits (this build reads {CODE_BITS})")
-        if not 1 <= n_codes <= MAX_CODES:
-            raise PayloadError(f"codebook size {n_codes} outside 1..{MAX_CODES}")
-        if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
-            raise PayloadError(f"chunk_log2 {h.chunk_log2} outside {MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}")
-        if n_escapes > n_elems:
-            raise PayloadError(f"{n_escapes} escapes for only {n_elems} elements")
-        if any(h.codebook[n_codes:]) or len(set(h.codebook[:n_codes])) != n_codes:
-            raise PayloadError("payload codebook is malformed (duplicate or stray entries)")
-        if body_bytes != Exp4Layout.compute(n_elems, h.chunk_log2, n_escapes).body_bytes:
-            raise PayloadError("payload body length does not match its element and escape counts")
+        raise PayloadError.of(Status.RESERVED)
+    if h.mode == MODE_RAW:
+        if h.code_bits or h.n_codes or h.chunk_log2 or h.n_escapes or any(h.codebook):
+            raise PayloadError.of(Status.RAW_FIELDS)
+        esize = element_size(h.dtype)
+        if h.body_bytes != h.n_elems * esize:
+            raise PayloadError.of(Status.RAW_BODY, body_bytes=h.body_bytes, n_elems=h.n_elems, esize=esize,
+                                  need=h.n_elems * esize)
+    elif h.mode == MODE_EXP4:
+        _check_exp4_fields(h)
     else:
-        raise PayloadError(f"unknown payload mode {mode}")
+        raise PayloadError.of(Status.MODE, mode=h.mode)
+
+
+def _check_exp4_fields(h: Header) -> None:
+    if not exp4_allowed(h.dtype):
+        raise PayloadError.of(Status.EXP4_DTYPE, dtype=h.dtype)
+    if h.code_bits != CODE_BITS:
+        raise PayloadError.of(Status.CODE_BITS, code_bits=h.code_bits)
+    if not 1 <= h.n_codes <= MAX_CODES:
+        raise PayloadError.of(Status.N_CODES, n_codes=h.n_codes)
+    if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
+        raise PayloadError.of(Status.CHUNK_LOG2, chunk_log2=h.chunk_log2)
+    if h.n_escapes > h.n_elems:
+        raise PayloadError.of(Status.ESCAPES_GT_N, n_escapes=h.n_escapes, n_elems=h.n_elems)
+    if any(h.codebook[h.n_codes:]) or len(set(h.codebook[:h.n_codes])) != h.n_codes:
+        raise PayloadError.of(Status.CODEBOOK)
+    if h.body_bytes != Exp4Layout.compute(h.n_elems, h.chunk_log2, h.n_escapes).body_bytes:
+        raise PayloadError.of(Status.EXP4_BODY)
+
+
+def check_destination(hdr: Header, dtype: int, n_elems: int) -> None:
+    """FORMAT.md §6 step 3, the destination: its dtype code and element count must be the header's."""
+    if hdr.dtype != dtype:
+        raise PayloadError.of(Status.DST_DTYPE, dtype=hdr.dtype, dst_dtype=dtype)
+    if hdr.n_elems != n_elems:
+        raise PayloadError.of(Status.DST_COUNT, n_elems=hdr.n_elems, dst_n=n_elems)
+
+
+def decode_error_message(status: int, aux: int, header: bytes, payload_len: int, dtype: int, n_elems: int,
+                         tag: int = 0) -> str | None:
+    """Message of the :class:`PayloadError` for the ``status`` a C++ / CUDA decoder reported (None for OK).
+
+    ``header`` holds the payload's first ``min(96, payload_len)`` bytes, ``tag`` is the transfer tag the decode
+    expected, ``aux`` the status's extra value (ESC_SUM: the chunk counts' sum). The message is the reference
+    decoder's for the same payload, destination and tag: the fields come from re-validating the header here.
+    """
+    if status == Status.OK:
+        return None
+    try:
+        hdr = parse_header(header, payload_len, tag)
+        check_destination(hdr, dtype, n_elems)
+    except PayloadError as e:
+        if e.status == status:
+            return str(e)
+        return f"{status_message(status)} (status {status}; the header check here says: {e})"
+    if status in HEADER_STATUSES or status in (Status.DST_DTYPE, Status.DST_COUNT):
+        return f"{status_message(status)} (status {status}, but the header checks pass here)"
+    return status_message(status, aux=aux, n_escapes=hdr.n_escapes)
 
 
 def payload_length(buf: bytes | bytearray | memoryview) -> int:

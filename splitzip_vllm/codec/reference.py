@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 
 from .codebook import Codebook
-from .format import (CODE_BITS, HEADER_BYTES, MODE_EXP4, MODE_RAW, Exp4Layout, Header, PayloadError,
-                     check_tag, element_size, exp4_allowed, parse_header)
+from .format import (CODE_BITS, HEADER_BYTES, MODE_EXP4, MODE_RAW, Exp4Layout, Header, PayloadError, Status,
+                     check_destination, check_tag, element_size, exp4_allowed, parse_header)
 
 _MOD = 1 << 32
 _CHECKSUM_STEP = 1 << 22
@@ -89,16 +89,8 @@ def decode(payload: torch.Tensor, dtype: int, n_elems: int, tag: int = 0) -> tor
     else:
         out = _decode_exp4(hdr, body)
     if checksum_bytes(out) != (hdr.checksum_a, hdr.checksum_b):
-        raise PayloadError("payload checksum mismatch: the decoded data differs from what was encoded "
-                           "(corrupted in transit or in memory)")
+        raise PayloadError.of(Status.CHECKSUM)
     return out
-
-
-def check_destination(hdr: Header, dtype: int, n_elems: int) -> None:
-    if hdr.dtype != dtype:
-        raise PayloadError(f"payload holds dtype code {hdr.dtype} but the destination has dtype code {dtype}")
-    if hdr.n_elems != n_elems:
-        raise PayloadError(f"payload holds {hdr.n_elems} elements but the destination has {n_elems}")
 
 
 def _decode_exp4(hdr: Header, body: torch.Tensor) -> torch.Tensor:
@@ -112,18 +104,21 @@ def _decode_exp4(hdr: Header, body: torch.Tensor) -> torch.Tensor:
     e = table[codes]
     counts = _u16_from(body[lay.off_counts:lay.off_counts + 2 * lay.n_chunks]).to(torch.int64)
     if int(counts.sum()) != m:
-        raise PayloadError(f"escape table is corrupted: chunk counts sum to {int(counts.sum())}, header says {m}")
+        raise PayloadError.of(Status.ESC_SUM, aux=int(counts.sum()), n_escapes=m)
     c = 1 << c_log2
     chunk_len = torch.full((lay.n_chunks,), c, dtype=torch.int64, device=dev)
     if lay.n_chunks:
         chunk_len[-1] = n - (lay.n_chunks - 1) * c
     if bool((counts > chunk_len).any()):
-        raise PayloadError("escape table is corrupted: a chunk claims more escapes than elements")
+        raise PayloadError.of(Status.ESC_COUNT)
     if m:
         chunk_of = torch.repeat_interleave(torch.arange(lay.n_chunks, device=dev), counts)
         pos = _u16_from(body[lay.off_pos:lay.off_pos + 2 * m]).to(torch.int64)
         if bool((pos >= chunk_len[chunk_of]).any()):
-            raise PayloadError("escape table is corrupted: an escape position lies outside its chunk")
+            raise PayloadError.of(Status.ESC_POS)
+        same_chunk = chunk_of[1:] == chunk_of[:-1]  # positions strictly increase within a chunk (FORMAT.md §6)
+        if bool((same_chunk & (pos[1:] <= pos[:-1])).any()):
+            raise PayloadError.of(Status.ESC_ORDER)
         e[chunk_of * c + pos] = body[lay.off_exp:lay.off_exp + m].to(torch.int32)
     x = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
     return x.to(torch.int16).view(torch.uint8) if n else torch.empty(0, dtype=torch.uint8, device=dev)

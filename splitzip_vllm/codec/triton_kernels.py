@@ -24,6 +24,7 @@ from . import format as _fmt
 # what encoders write (decoders take the payload's header length ``hb``: 64 for format v1, 96 for v2)
 HEADER_BYTES = tl.constexpr(_fmt.HEADER_BYTES)
 FORMAT_VERSION = tl.constexpr(_fmt.VERSION)
+LUT_ESCAPE = tl.constexpr(_fmt.LUT_ESCAPE)
 _NOSPEC = dict(do_not_specialize=["R", "n", "nb", "n_tiles", "n_chunks", "chunk_log2", "off_codes", "off_counts",
                                   "off_pos", "off_exp", "dtype_code", "n_codes", "n_esc", "tag"])
 
@@ -224,8 +225,8 @@ def exp4_encode_pass1(x0, ptrs, starts, R, n, out, cbt, cnt, ck, off_codes,
     body = out + HEADER_BYTES
     tl.store(body + idx, sm.to(tl.uint8), mask=valid)
     code = tl.load(cbt + e)
-    esc = valid & (code < 0)
-    code = tl.where(valid & (code >= 0), code, 0)
+    esc = valid & (code == LUT_ESCAPE)
+    code = tl.where(valid & (code != LUT_ESCAPE), code, 0)
     c_even, c_odd = tl.split(tl.reshape(code, [TILE // 2, 2]))
     j = lo // 2 + tl.arange(0, TILE // 2)
     tl.store(body + off_codes + j, (c_even | (c_odd << 4)).to(tl.uint8), mask=j < (n64 + 1) // 2)
@@ -286,7 +287,7 @@ def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n
             x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
             x = x.to(tl.int32) & 0xFFFF
             e = (x >> 7) & 0xFF
-            esc = valid & (tl.load(cbt + e) < 0)
+            esc = valid & (tl.load(cbt + e) == LUT_ESCAPE)
             k = k0 + tl.cumsum(esc.to(tl.int32), 0) - 1
             p = (idx & ((1 << chunk_log2) - 1)).to(tl.int32)
             tl.store(body + off_pos + 2 * k, (p & 0xFF).to(tl.uint8), mask=esc)

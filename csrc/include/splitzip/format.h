@@ -1,8 +1,10 @@
 // SplitZip-KV wire format v2 (reads v1 too) -- the single C++/CUDA twin of docs/FORMAT.md and
 // splitzip_vllm/codec/format.py (tests/test_format_constants.py keeps them in sync).
 //
-// Everything in this header is usable from host C++ and from CUDA device code: only <cstdint>/<cstddef>,
-// no exceptions, no std::string. Host-only validation with error messages lives in validate.h.
+// Everything in this header is usable from host C++ and from CUDA device code (SZ_HD): only <cstdint>/<cstddef>,
+// no exceptions, no std::string. It is the ONE header writer (pack_header) and the ONE validator
+// (validate_header, check_destination, check_escape) of every C++ and CUDA codec; they return SzStatus codes,
+// whose messages live in one place, splitzip_vllm/codec/format.py (Status / STATUS_MESSAGES).
 #pragma once
 
 #include <cstddef>
@@ -13,6 +15,40 @@
 #else
 #define SZ_HD inline
 #endif
+
+// Decode verdicts (FORMAT.md §6), numbered in the order of the checks: when several problems are present the
+// lowest code is reported. Python twin: splitzip_vllm/codec/format.py Status (tests/test_format_constants.py).
+enum SzStatus {
+  SZ_OK = 0,
+  SZ_ERR_TRUNCATED_HEADER = 1,   // buffer shorter than 64 bytes, or than the 96 of a version-2 header
+  SZ_ERR_MAGIC = 2,
+  SZ_ERR_VERSION = 3,            // neither 1 nor 2
+  SZ_ERR_HEADER_CRC = 4,
+  SZ_ERR_DTYPE = 5,              // unknown dtype code
+  SZ_ERR_RESERVED = 6,
+  SZ_ERR_RAW_FIELDS = 7,
+  SZ_ERR_RAW_BODY = 8,
+  SZ_ERR_EXP4_DTYPE = 9,
+  SZ_ERR_CODE_BITS = 10,
+  SZ_ERR_N_CODES = 11,
+  SZ_ERR_CHUNK_LOG2 = 12,
+  SZ_ERR_ESCAPES_GT_N = 13,
+  SZ_ERR_CODEBOOK = 14,
+  SZ_ERR_EXP4_BODY = 15,
+  SZ_ERR_MODE = 16,              // unknown mode
+  SZ_ERR_EXT = 17,               // non-zero ext area (version 2)
+  SZ_ERR_TAG = 18,               // version 2: transfer tag differs from the expected one (FORMAT.md §6a)
+  SZ_ERR_TAG_V1 = 19,            // version 1 (implicit tag 0) but a non-zero tag is expected
+  SZ_ERR_TRUNCATED_BODY = 20,    // buffer shorter than header bytes + body_bytes
+  SZ_ERR_DST_DTYPE = 21,         // destination dtype differs from the header's
+  SZ_ERR_DST_COUNT = 22,         // destination element count differs from the header's
+  SZ_ERR_ESC_SUM = 23,           // chunk counts do not sum to n_escapes (aux = their sum)
+  SZ_ERR_ESC_COUNT = 24,         // a chunk count exceeds its chunk length
+  SZ_ERR_ESC_POS = 25,           // an escape position lies outside its chunk
+  SZ_ERR_ESC_ORDER = 26,         // escape positions of a chunk are not strictly increasing
+  SZ_ERR_CHECKSUM = 27,          // decoded data does not match checksum_a / checksum_b
+  SZ_NUM_STATUS = 28
+};
 
 namespace splitzip {
 
@@ -33,6 +69,10 @@ constexpr int kMinChunkLog2 = 8;
 constexpr int kMaxChunkLog2 = 15;
 constexpr int kDefaultChunkLog2 = 12;
 constexpr int kSectionAlign = 16;
+// Escape marker of a 256-entry exponent -> code table (codes are 0..15): bit 7, so the AVX-512 encoder finds
+// escapes with one movepi8_mask and the CUDA encoder with one shift; `& 0x0F` turns it into the dense code 0.
+// Python/Triton: format.LUT_ESCAPE.
+constexpr uint8_t kLutEscape = 0x80;
 
 // dtype codes (FORMAT.md §2)
 constexpr int kDtypeUint8 = 0;
@@ -152,8 +192,8 @@ SZ_HD uint64_t load_u64(const uint8_t* p) {
 }
 
 // ---- CRC-32 (zlib / IEEE 802.3, reflected polynomial 0xEDB88320) ------------------------------------------------
-// Bitwise (no table) so it works unchanged on host and device; it only ever runs over a header (<= 96 bytes).
-// crc32_update(0, ...) == zlib.crc32(...); chain calls with the previous result.
+// Bitwise (no table) by default so it works unchanged on host and device; it only ever runs over a header
+// (<= 96 bytes). crc32_update(0, ...) == zlib.crc32(...); chain calls with the previous result.
 SZ_HD uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t len) {
   crc = ~crc;
   for (size_t i = 0; i < len; ++i) {
@@ -164,23 +204,40 @@ SZ_HD uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t len) {
 }
 SZ_HD uint32_t crc32(const uint8_t* data, size_t len) { return crc32_update(0u, data, len); }
 
+// Entry i of the 256-entry CRC table (as zlib's). A CUDA kernel fills a shared-memory table with one thread per
+// entry and passes it as `crc_tab` below: one table step per byte instead of 8 dependent bit steps.
+SZ_HD uint32_t crc32_table_entry(uint32_t i) {
+  uint32_t c = i;
+  for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  return c;
+}
+
 // CRC of the `header_bytes` header bytes at hdr (64 or 96) with the CRC field (bytes 12..15) taken as zero.
-SZ_HD uint32_t header_crc(const uint8_t* hdr, int header_bytes) {
-  const uint8_t zero4[4] = {0, 0, 0, 0};
-  uint32_t c = crc32_update(0u, hdr, kOffHeaderCrc);
-  c = crc32_update(c, zero4, 4);
-  return crc32_update(c, hdr + kOffHeaderCrc + 4, size_t(header_bytes - kOffHeaderCrc - 4));
+// crc_tab: optional 256-entry table (crc32_table_entry); same result either way (host_format_test).
+SZ_HD uint32_t header_crc(const uint8_t* hdr, int header_bytes, const uint32_t* crc_tab = nullptr) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (int i = 0; i < header_bytes; ++i) {
+    const uint32_t b = (i >= kOffHeaderCrc && i < kOffHeaderCrc + 4) ? 0u : uint32_t(hdr[i]);
+    if (crc_tab) {
+      c = crc_tab[(c ^ b) & 0xFFu] ^ (c >> 8);
+    } else {
+      c ^= b;
+      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+  }
+  return ~c;
 }
 
 // Header length pack_header writes for h.version: 64 for version 1, else 96 (encoders write version 2).
 SZ_HD int packed_header_bytes(int version) { return version == kVersionV1 ? kHeaderBytesV1 : kHeaderBytes; }
 
-// Write the wire bytes of h (magic, fields as given -- encoders leave version/reserved/ext at their defaults --,
-// for a 96-byte header also the transfer tag and ext; header CRC computed here). Returns the bytes written,
-// packed_header_bytes(h.version); tests pack version-1 and invalid headers with it.
-SZ_HD int pack_header(const Header& h, uint8_t* out) {
+// THE header writer of every C++ / CUDA encoder: the wire bytes of h (magic, fields as given -- encoders leave
+// version/reserved/ext at their defaults --, for a 96-byte header also the transfer tag and ext; header CRC
+// computed here, over `crc_tab` when given). Returns the bytes written, packed_header_bytes(h.version); tests
+// pack version-1 and invalid headers with it.
+SZ_HD int pack_header(const Header& h, uint8_t* out, const uint32_t* crc_tab = nullptr) {
   const int hb = packed_header_bytes(h.version);
-  for (int i = 0; i < 4; ++i) out[kOffMagic + i] = uint8_t(kMagicU32 >> (8 * i));
+  store_u32(out + kOffMagic, kMagicU32);
   out[kOffVersion] = h.version;
   out[kOffDtype] = h.dtype;
   out[kOffMode] = h.mode;
@@ -199,8 +256,30 @@ SZ_HD int pack_header(const Header& h, uint8_t* out) {
     store_u64(out + kOffTransferTag, h.transfer_tag);
     for (int i = 0; i < kExtBytes; ++i) out[kOffExt + i] = h.ext[i];
   }
-  store_u32(out + kOffHeaderCrc, header_crc(out, hb));
+  store_u32(out + kOffHeaderCrc, header_crc(out, hb, crc_tab));
   return hb;
+}
+
+// The header an encoder writes (version 2, `tag`): RAW when mode == kModeRaw (coding fields and codebook zero),
+// else EXP4 with the first n_codes entries of codebook16.
+SZ_HD Header make_header(int dtype, int mode, int n_codes, int chunk_log2, const uint8_t* codebook16, uint64_t n,
+                         uint64_t n_escapes, uint64_t body_bytes, uint32_t checksum_a, uint32_t checksum_b,
+                         uint64_t tag) {
+  Header h;
+  const bool exp4 = mode == kModeExp4;
+  h.dtype = uint8_t(dtype);
+  h.mode = uint8_t(mode);
+  h.code_bits = uint8_t(exp4 ? kCodeBits : 0);
+  h.n_codes = uint8_t(exp4 ? n_codes : 0);
+  h.chunk_log2 = uint8_t(exp4 ? chunk_log2 : 0);
+  for (int i = 0; i < 16; ++i) h.codebook[i] = (exp4 && i < n_codes && codebook16) ? codebook16[i] : uint8_t(0);
+  h.n_elems = n;
+  h.n_escapes = exp4 ? n_escapes : 0;
+  h.body_bytes = body_bytes;
+  h.checksum_a = checksum_a;
+  h.checksum_b = checksum_b;
+  h.transfer_tag = tag;
+  return h;
 }
 
 // Read the fields of a header (no validation; see validate.h): bytes 0..63, and for version 2 (byte 4) also
@@ -264,9 +343,6 @@ SZ_HD uint16_t combine(uint32_t sm, uint32_t e) {
   return uint16_t(((sm & 0x80u) << 8) | ((e & 0xFFu) << 7) | (sm & 0x7Fu));
 }
 
-// Escape marker in a 256-entry exponent->code table.
-constexpr uint8_t kEscapeCode = 0xFF;
-
 // ---- content checksum (FORMAT.md §4) ---------------------------------------------------------------------------
 // A = sum b_k, B = sum (k+1) b_k (mod 2^32). A block of bytes starting at byte offset `base` with local sums
 // (A_l, B_l) (B_l using local weights k_l + 1) contributes A_l to A and B_l + base*A_l to B.
@@ -278,5 +354,104 @@ struct Checksum {
     b += b_local + uint32_t(base) * a_local;
   }
 };
+
+
+// ---- validation (FORMAT.md §6): THE validator of every C++ / CUDA decoder -------------------------------------
+// Each function returns SZ_OK or the SzStatus of the first failing check; messages are formatted in Python.
+namespace detail {
+__extension__ typedef unsigned __int128 u128;
+
+SZ_HD u128 align16_wide(u128 x) { return (x + 15) & ~u128(15); }
+
+// FORMAT.md §3 body length without 64-bit overflow, for untrusted header fields.
+SZ_HD u128 exp4_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m) {
+  const u128 c = u128(1) << chunk_log2;
+  const u128 n_chunks = (u128(n) + c - 1) >> chunk_log2;
+  const u128 off_codes = align16_wide(n);
+  const u128 off_counts = align16_wide(off_codes + (u128(n) + 1) / 2);
+  const u128 off_pos = align16_wide(off_counts + 2 * n_chunks);
+  const u128 off_exp = align16_wide(off_pos + 2 * u128(m));
+  return off_exp + m;
+}
+
+// EXP4 coding fields (FORMAT.md §6 step 2).
+SZ_HD int validate_exp4_fields(const Header& h) {
+  if (!dtype_exp4_allowed(h.dtype)) return SZ_ERR_EXP4_DTYPE;
+  if (h.code_bits != kCodeBits) return SZ_ERR_CODE_BITS;
+  if (h.n_codes < 1 || h.n_codes > kMaxCodes) return SZ_ERR_N_CODES;
+  if (h.chunk_log2 < kMinChunkLog2 || h.chunk_log2 > kMaxChunkLog2) return SZ_ERR_CHUNK_LOG2;
+  if (h.n_escapes > h.n_elems) return SZ_ERR_ESCAPES_GT_N;
+  bool bad = false;
+  for (int i = 0; i < 16; ++i) {
+    if (i < h.n_codes) {
+      for (int j = 0; j < i; ++j) bad |= h.codebook[j] == h.codebook[i];
+    } else {
+      bad |= h.codebook[i] != 0;
+    }
+  }
+  if (bad) return SZ_ERR_CODEBOOK;
+  if (u128(h.body_bytes) != exp4_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes)) return SZ_ERR_EXP4_BODY;
+  return SZ_OK;
+}
+
+// FORMAT.md §6 step 2 after the CRC: dtype, reserved field, mode and the mode's field combination, ext. Sizes are
+// compared in 128-bit arithmetic (untrusted fields near 2^64); once the header passes, body_bytes <= available -
+// header bytes bounds every 64-bit size computed from it.
+SZ_HD int validate_fields(const Header& h) {
+  if (!dtype_known(h.dtype)) return SZ_ERR_DTYPE;
+  if (h.reserved != 0) return SZ_ERR_RESERVED;
+  if (h.mode == kModeRaw) {
+    bool cb_set = false;
+    for (int i = 0; i < 16; ++i) cb_set |= h.codebook[i] != 0;
+    if (h.code_bits || h.n_codes || h.chunk_log2 || h.n_escapes || cb_set) return SZ_ERR_RAW_FIELDS;
+    if (u128(h.body_bytes) != u128(h.n_elems) * uint64_t(dtype_elem_size(h.dtype))) return SZ_ERR_RAW_BODY;
+  } else if (h.mode == kModeExp4) {
+    const int st = validate_exp4_fields(h);
+    if (st != SZ_OK) return st;
+  } else {
+    return SZ_ERR_MODE;
+  }
+  bool ext_set = false;
+  for (int i = 0; i < kExtBytes; ++i) ext_set |= h.ext[i] != 0;
+  return ext_set ? SZ_ERR_EXT : SZ_OK;
+}
+}  // namespace detail
+
+// FORMAT.md §6 steps 1-3 for the header alone (versions 1 and 2, transfer tag of §6a included). `hdr` must hold
+// min(available, 96) readable bytes (nothing is read past them); `available` is the payload buffer length,
+// `expected_tag` the tag the caller expects, `crc_tab` an optional CRC table (crc32_table_entry). Returns SZ_OK
+// and fills *out, or the status of the first failing check (the order of splitzip_vllm/codec/format.py).
+SZ_HD int validate_header(const uint8_t* hdr, uint64_t available, uint64_t expected_tag, Header* out,
+                          const uint32_t* crc_tab = nullptr) {
+  if (available < uint64_t(kHeaderBytesV1)) return SZ_ERR_TRUNCATED_HEADER;
+  if (load_u32(hdr + kOffMagic) != kMagicU32) return SZ_ERR_MAGIC;
+  const int hb = header_bytes_of(hdr[kOffVersion]);
+  if (hb == 0) return SZ_ERR_VERSION;
+  if (available < uint64_t(hb)) return SZ_ERR_TRUNCATED_HEADER;
+  Header h;
+  (void)parse_header(hdr, &h);  // reads hb bytes
+  if (header_crc(hdr, hb, crc_tab) != h.header_crc32) return SZ_ERR_HEADER_CRC;
+  const int st = detail::validate_fields(h);
+  if (st != SZ_OK) return st;
+  if (h.transfer_tag != expected_tag) return h.version == kVersionV1 ? SZ_ERR_TAG_V1 : SZ_ERR_TAG;
+  if (available - uint64_t(hb) < h.body_bytes) return SZ_ERR_TRUNCATED_BODY;
+  if (out) *out = h;
+  return SZ_OK;
+}
+
+// FORMAT.md §6 step 3, the destination: its dtype code and element count must be the header's.
+SZ_HD int check_destination(const Header& h, int dtype, uint64_t n_elems) {
+  if (int(h.dtype) != dtype) return SZ_ERR_DST_DTYPE;
+  if (h.n_elems != n_elems) return SZ_ERR_DST_COUNT;
+  return SZ_OK;
+}
+
+// FORMAT.md §6 step 4, one escape: position `pos` inside its chunk of `chunk_len` elements and, unless it is the
+// chunk's first escape, strictly after the previous escape's position `prev` (so no element is patched twice).
+SZ_HD int check_escape(uint32_t pos, bool first_in_chunk, uint32_t prev, uint64_t chunk_len) {
+  if (uint64_t(pos) >= chunk_len) return SZ_ERR_ESC_POS;
+  if (!first_in_chunk && pos <= prev) return SZ_ERR_ESC_ORDER;
+  return SZ_OK;
+}
 
 }  // namespace splitzip

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import PayloadError, check_tag
+from ..format import HEADER_BYTES, PayloadError, check_tag, decode_error_message
 from . import CodecBackend, register
 
 try:
@@ -31,11 +31,16 @@ def _flat(regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _reraise(e: RuntimeError) -> None:
+def _reraise(e: RuntimeError, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int, tag: int) -> None:
+    """A payload status of the extension ("<marker><status> <aux>") as PayloadError with format.py's message."""
     msg = str(e)
-    if msg.startswith(_MARKER):
-        raise PayloadError(msg[len(_MARKER):]) from None
-    raise e
+    if not msg.startswith(_MARKER):
+        raise e
+    status, aux = (int(v) for v in msg[len(_MARKER):].split())
+    flat = payload.reshape(-1)
+    header = flat[:HEADER_BYTES].numpy().tobytes()
+    n = sum(r.numel() for r in regions)
+    raise PayloadError(decode_error_message(status, aux, header, flat.numel(), dtype, n, tag), status) from None
 
 
 @register
@@ -71,21 +76,14 @@ class CpuBackend(CodecBackend):
             return _C_cpu.encode_into(regions, dtype, cb, len(cb) if cb else 0, chunk_log2, out, tag)
         except (ValueError, TypeError):
             return self._encode_checked(regions, dtype, cb, chunk_log2, out, tag)
-        except RuntimeError as e:
-            _reraise(e)
-            raise
 
     def _encode_checked(self, regions: Sequence[torch.Tensor], dtype: int, cb: bytes | None, chunk_log2: int,
                         out: torch.Tensor, tag: int) -> int:
         check_tag(tag)
         if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous():
             raise ValueError("the cpu codec backend encodes into a contiguous uint8 CPU tensor")
-        try:
-            return int(_C_cpu.encode_into(_flat(regions), dtype, cb, len(cb) if cb else 0, chunk_log2,
-                                          out.reshape(-1), tag))
-        except RuntimeError as e:
-            _reraise(e)
-            raise
+        return int(_C_cpu.encode_into(_flat(regions), dtype, cb, len(cb) if cb else 0, chunk_log2,
+                                      out.reshape(-1), tag))
 
     def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
                     tag: int = 0) -> None:
@@ -94,8 +92,7 @@ class CpuBackend(CodecBackend):
         except (ValueError, TypeError):
             self._decode_checked(payload, regions, dtype, tag)
         except RuntimeError as e:
-            _reraise(e)
-            raise
+            _reraise(e, payload, regions, dtype, tag)
 
     def _decode_checked(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
                         tag: int) -> None:
@@ -113,5 +110,4 @@ class CpuBackend(CodecBackend):
         try:
             _C_cpu.decode_into(flat, flat.numel(), _flat(regions), dtype, tag)
         except RuntimeError as e:
-            _reraise(e)
-            raise
+            _reraise(e, flat, regions, dtype, tag)

@@ -9,8 +9,8 @@ Encode and decode run on the current torch CUDA stream and never synchronise wit
 * ``decode_into_async`` validates the payload on the device and returns an ``int32[4]`` device status tensor
   (``[code, aux_lo, aux_hi, 0]``, code 0 = OK). Nothing is written outside the destination regions and nothing is
   read past the payload length, whatever the payload holds; on a non-zero code the destination holds garbage.
-  ``raise_for_status`` (synchronises) turns a status into :class:`PayloadError` with the message the reference
-  decoder would give. ``decode_into`` is the synchronous convenience path (both steps).
+  ``raise_for_status`` (synchronises) turns a status (``format.Status``) into :class:`PayloadError` with the
+  message the reference decoder would give (``format.decode_error_message``). ``decode_into`` is the synchronous convenience path (both steps).
 * ``encode_table_into`` / ``decode_table_into_async`` take a device table of region base addresses (int64 CUDA
   tensor) instead of a tensor list, for callers that keep block-pointer tables on the device (paged KV cache):
   every region holds ``region_elems`` elements, or ``prefix`` (int64 CUDA tensor, ``len(ptrs) + 1`` element
@@ -28,7 +28,8 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import HEADER_BYTES, PayloadError, check_tag, element_size, encode_capacity, parse_header
+from ..format import (HEADER_BYTES, PayloadError, Status, check_tag, decode_error_message, element_size,
+                      encode_capacity)
 from . import BackendUnavailableError, CodecBackend, register
 
 try:
@@ -38,57 +39,7 @@ except ImportError as e:  # extension not built (CPU-only torch, or built withou
     _C_cuda = None
     _IMPORT_ERROR = e
 
-# Device status codes (csrc/cuda/splitzip_cuda.h, enum SzStatus), ordered like the checks of FORMAT.md §6.
-ST_OK = 0
-ST_HEADER_FIRST, ST_HEADER_LAST = 1, 20   # header problems (steps 1-3, transfer tag included): parse_header()
-ST_DST_DTYPE = 21                         # words them
-ST_DST_COUNT = 22
-ST_ESC_SUM = 23
-ST_ESC_COUNT = 24
-ST_ESC_POS = 25
-ST_CHECKSUM = 26
-
 _ALIGN = 16
-
-
-def status_error_message(code: int, aux: int, header: bytes, payload_len: int, dtype: int,
-                         n_elems: int, tag: int = 0) -> str | None:
-    """Message of the :class:`PayloadError` for a device decode status (None for OK).
-
-    ``header`` holds the payload's first ``min(96, payload_len)`` bytes, ``tag`` is the transfer tag the decode
-    expected; the messages are those of ``splitzip_vllm.codec.reference.decode`` for the same payload,
-    destination and tag.
-    """
-    from ..reference import check_destination
-
-    if code == ST_OK:
-        return None
-    if ST_HEADER_FIRST <= code <= ST_HEADER_LAST:
-        try:
-            parse_header(header, payload_len, tag)
-        except PayloadError as e:
-            return str(e)
-        return f"payload header rejected on the device (status {code})"
-    try:
-        hdr = parse_header(header, payload_len, tag)
-    except PayloadError as e:  # cannot happen for codes >= 18 (the device validated the header)
-        return str(e)
-    if code in (ST_DST_DTYPE, ST_DST_COUNT):
-        try:
-            check_destination(hdr, dtype, n_elems)
-        except PayloadError as e:
-            return str(e)
-        return "payload does not fit the destination"
-    if code == ST_ESC_SUM:
-        return f"escape table is corrupted: chunk counts sum to {aux}, header says {hdr.n_escapes}"
-    if code == ST_ESC_COUNT:
-        return "escape table is corrupted: a chunk claims more escapes than elements"
-    if code == ST_ESC_POS:
-        return "escape table is corrupted: an escape position lies outside its chunk"
-    if code == ST_CHECKSUM:
-        return ("payload checksum mismatch: the decoded data differs from what was encoded "
-                "(corrupted in transit or in memory)")
-    return f"unknown splitzip decode status {code}"
 
 
 def _status_values(status: torch.Tensor) -> tuple[int, int]:
@@ -221,9 +172,8 @@ class CudaBackend(CodecBackend):
         """Synchronise on ``status`` and raise :class:`PayloadError` when the decode failed (``tag``: the
         transfer tag the decode expected)."""
         code, aux = _status_values(status)
-        if code == ST_OK:
+        if code == Status.OK:
             return
         flat = payload.reshape(-1)
         header = flat[:HEADER_BYTES].cpu().numpy().tobytes()
-        msg = status_error_message(code, aux, header, flat.numel(), dtype, n_elems, tag)
-        raise PayloadError(msg)
+        raise PayloadError(decode_error_message(code, aux, header, flat.numel(), dtype, n_elems, tag), code)

@@ -22,9 +22,8 @@ the escape table is validated on the device (``exp4_validate_kernel``) into an `
 store of the decode kernels, so a corrupted table writes nothing; the dense kernel writes all elements, the patch
 kernel overwrites the escaped ones and accounts for the checksum change; one final device-to-host copy brings the
 validation results and the checksum back, and errors raise :class:`PayloadError`. The escape positions of a
-chunk must be strictly ascending (as FORMAT.md §3 orders them; the reference decoder would instead report a
-checksum mismatch for most such payloads): that keeps every element patched at most once, so the checksum
-adjustment is exact. Every load stays inside the payload (offsets come from the validated header, escape
+chunk must be strictly ascending (FORMAT.md §6 step 4, as every decoder checks): that keeps every element patched
+at most once, so the checksum adjustment is exact. Every load stays inside the payload (offsets come from the validated header, escape
 indices are masked to ``< n_escapes``) and every store inside the destination (masked by region bounds and by
 ``position < chunk length``), whatever the flag says.
 """
@@ -38,9 +37,8 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, check_tag, element_size,
-                      encode_capacity, exp4_allowed, parse_header)
-from ..reference import check_destination
+from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, Status, check_destination, check_tag,
+                      element_size, encode_capacity, exp4_allowed, parse_header)
 from . import BackendUnavailableError, CodecBackend, register
 
 _KMOD = "splitzip_vllm.codec.triton_kernels"
@@ -119,7 +117,7 @@ def _crc_table(device: torch.device) -> torch.Tensor:
 
 
 def _codebook_table(cb: Codebook, device: torch.device) -> torch.Tensor:
-    """int32[272]: code of each exponent (-1 = escape), then the 16-byte header codebook field."""
+    """int32[272]: code of each exponent (LUT_ESCAPE = escape), then the 16-byte header codebook field."""
     key = ("cb", cb.exponents, str(device))
     t = _const_cache.get(key)
     if t is None:
@@ -289,8 +287,7 @@ class TritonBackend(CodecBackend):
     @staticmethod
     def _check_sums(hdr, a: int, b: int) -> None:
         if (a, b) != (hdr.checksum_a, hdr.checksum_b):
-            raise PayloadError("payload checksum mismatch: the decoded data differs from what was encoded "
-                               "(corrupted in transit or in memory)")
+            raise PayloadError.of(Status.CHECKSUM)
 
     def _decode_raw(self, K, hdr, payload, regions) -> None:
         device = payload.device
@@ -330,12 +327,8 @@ class TritonBackend(CodecBackend):
         sums = ck.sum(0) & 0xFFFFFFFF
         tot, e_count, e_pos, e_order, a, b = torch.cat([total, errbits, sums]).tolist()
         if tot != m:
-            raise PayloadError(f"escape table is corrupted: chunk counts sum to {tot}, header says {m}")
-        if e_count:
-            raise PayloadError("escape table is corrupted: a chunk claims more escapes than elements")
-        if e_pos:
-            raise PayloadError("escape table is corrupted: an escape position lies outside its chunk")
-        if e_order:
-            raise PayloadError("escape table is corrupted: escape positions within a chunk are not strictly "
-                               "ascending")
+            raise PayloadError.of(Status.ESC_SUM, aux=tot, n_escapes=m)
+        for bad, status in ((e_count, Status.ESC_COUNT), (e_pos, Status.ESC_POS), (e_order, Status.ESC_ORDER)):
+            if bad:
+                raise PayloadError.of(status)
         self._check_sums(hdr, a, b)
