@@ -108,7 +108,7 @@ def test_decode_prefix_hit_reads_only_missing_blocks(dep):
 
 def test_unreachable_prefill_does_not_stall_other_requests(dep):
     _, d, _ = dep
-    gaps: list[float] = []
+    gaps: list[tuple[float, float]] = []    # (arrival time, gap before it) of the unrelated stream's chunks
     started = threading.Event()
 
     def stream():
@@ -119,7 +119,7 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
                 if line.startswith("data: ") and line != "data: [DONE]":
                     now = time.monotonic()
                     if last is not None:
-                        gaps.append(now - last)
+                        gaps.append((now, now - last))
                     last = now
                     started.set()
     t = threading.Thread(target=stream)
@@ -139,7 +139,11 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     t.join(timeout=300)
     assert r.status_code == 200 and len(token_ids(r)) == 24          # recomputed after the handshake failed
     assert waited >= 4.0, "the handshake timeout (5 s) should have been waited out by the dead request"
-    assert len(gaps) >= 100
-    # bound: no gap of the unrelated stream longer than 1 s while the dead handshake took 5 s
-    assert max(gaps) < 1.0, f"stream stalled {max(gaps):.2f}s (median {statistics.median(gaps) * 1e3:.1f} ms)"
-    print(json.dumps({"max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps), "dead_request_s": waited}))
+    # while the dead peer's handshake runs (5 s, then the dead request is recomputed, a normal prefill that is
+    # batched with the stream), the stream must keep flowing: bound 0.5 s per gap (a blocking handshake: 5 s)
+    during = [g for t, g in gaps if t0 < t < t0 + 4.5]
+    assert len(during) >= 50, f"only {len(during)} chunks arrived during the handshake"
+    report = {"max_gap_during_handshake_s": max(during), "median_gap_s": statistics.median(g for _, g in gaps),
+              "max_gap_overall_s": max(g for _, g in gaps), "dead_request_s": waited}
+    print(json.dumps(report))
+    assert max(during) < 0.5, f"stream stalled during the handshake: {report}"
