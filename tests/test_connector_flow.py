@@ -296,3 +296,25 @@ def test_notifications_are_typed_and_foreign_traffic_is_ignored():
     raw = encode_notification(Done(request_id="x", reader=1, readers=2))
     assert decode_notification(raw) == Done(request_id="x", reader=1, readers=2)
     assert decode_notification(b"NIXL:other") is None and decode_notification(b"SZ3:\xff\x00") is None
+
+
+def test_cancel_of_an_inflight_load_reports_it_finished_and_frees_prefill():
+    fabric = Fabric()
+    prefill = Prefill(fabric, 0, 1, n_blocks=64)
+    blocks = list(range(1, 41))
+    m = prefill.publish("r1", blocks)
+    prefill.poll({"r1"})
+    d = Decode(fabric, 0, 1, [prefill], n_blocks=64, recv=64 << 10)   # small buffer: the load takes many steps
+    d.consumer.start("c", RecvRequest(blocks, 0, remote([m], blocks, 1)))
+    for _ in range(200):
+        prefill.poll()
+        assert d.consumer.poll() == (set(), set())
+        if d.stats.data["recv_alloc_bytes"]:
+            break
+        time.sleep(0.002)
+    assert d.stats.data["recv_alloc_bytes"] > 0                      # mid-load
+    d.consumer.cancel("c")                                              # vLLM aborted the request
+    assert d.consumer.poll() == ({"c"}, set())                          # finished (vLLM frees the blocks), not failed
+    time.sleep(0.2)
+    assert prefill.poll() == {"r1"} and prefill.producer.arena_used_bytes == 0
+    assert d.consumer.recv_used_bytes == 0
