@@ -52,14 +52,21 @@ def _extensions():
     if want_cuda in ("0", "no", "false", "off"):
         pass
     elif torch.version.cuda is not None and CUDA_HOME is not None and have_sources:
+        # pinned GPU targets (A100 / H100 class; the kernels need sm_70+, see splitzip_cuda.cu); giving -gencode
+        # here also stops torch from adding TORCH_CUDA_ARCH_LIST / detected archs. SPLITZIP_CUDA_ARCHS="80;90;100"
+        archs = [a.strip() for a in os.environ.get("SPLITZIP_CUDA_ARCHS", "80;90").split(";") if a.strip()]
         nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         exts.append(
             CUDAExtension(
                 name="splitzip_vllm._C_cuda",
                 sources=cuda_sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-                depends=[_rel("csrc", "include", "splitzip", "format.h")],
+                depends=[_rel("csrc", "include", "splitzip", "format.h"), _rel("csrc", "cuda", "splitzip_cuda.h"),
+                         _rel("csrc", "cuda", "splitzip_cuda_bits.cuh"),
+                         _rel("csrc", "cuda", "splitzip_cuda_format.cuh"),
+                         _rel("csrc", "cuda", "splitzip_cuda_batch.cuh")],
             )
         )
     elif want_cuda in ("1", "yes", "true", "on"):

@@ -285,3 +285,76 @@ def test_api_backend_selection():
     assert torch.equal(p.cpu(), reference.encode([x.cpu()], BF16, BOOK, 12))
     y = codec.decode(p, backend="cuda")
     assert torch.equal(y, x)
+
+
+def test_multi_region_lists_refused_inside_graph_capture():
+    """A list of regions needs a host-built table: refused while capturing, with a clear error; the device-table
+    path captures and replays (multi-region graph capture + replay)."""
+    pages = [kv_like(5120, seed=i) for i in range(4)]
+    n = 4 * 5120
+    out = torch.zeros(encode_capacity(n, 2), dtype=torch.uint8, device=DEV)
+    s = torch.cuda.Stream()
+    ptrs = torch.tensor([p.data_ptr() for p in pages], dtype=torch.int64, device=DEV)
+    ys = [torch.empty_like(p) for p in pages]
+    yptrs = torch.tensor([y.data_ptr() for y in ys], dtype=torch.int64, device=DEV)
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture
+        BE.encode_table_into(ptrs, None, 5120, n, BF16, BOOK, 12, out)
+        BE.decode_table_into_async(out, yptrs, None, 5120, n, BF16)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            BE.encode_into(pages, BF16, BOOK, 12, out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        BE.encode_table_into(ptrs, None, 5120, n, BF16, BOOK, 12, out)
+        st = BE.decode_table_into_async(out, yptrs, None, 5120, n, BF16)
+    for _ in range(3):
+        out.zero_()
+        for y in ys:
+            y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(st[0].item()) == 0
+        assert torch.equal(out[:parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes].cpu(),
+                           reference.encode([p.cpu() for p in pages], BF16, BOOK, 12))
+        for a, b in zip(ys, pages):
+            assert torch.equal(a, b)
+
+
+def test_side_stream_tensors_are_recorded():
+    """Inputs made on the default stream, encoded / decoded on a side stream and freed right away: the caching
+    allocator must not reuse their memory before the side stream's kernels are done."""
+    s = torch.cuda.Stream()
+    ref_payloads = []
+    with torch.cuda.stream(s):
+        for i in range(8):
+            torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+            with torch.cuda.stream(torch.cuda.default_stream()):
+                x = kv_like(1 << 20, seed=100 + i)
+            torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+            out = torch.empty(encode_capacity(x.numel(), 2), dtype=torch.uint8, device=DEV)
+            BE.encode_into([x[: 1 << 19], x[1 << 19:]], BF16, BOOK, 12, out)
+            ref_payloads.append((x.cpu(), out))
+            del x  # freed while the side stream may still read it
+            with torch.cuda.stream(torch.cuda.default_stream()):
+                torch.empty(1 << 21, dtype=torch.bfloat16, device=DEV).fill_(7.0)  # would reuse it
+    torch.cuda.synchronize()
+    for x, out in ref_payloads:
+        length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
+        assert torch.equal(out[:length].cpu(), reference.encode([x], BF16, BOOK, 12))
+
+
+def test_encode_batch_one_launch():
+    """All layers of a request in one launch: payloads and device-written lengths equal per-layer encodes."""
+    layers = [[kv_like(1 << 20, seed=i)] for i in range(6)] + [[kv_like(4096, seed=50 + j) for j in range(5)]]
+    layers += [[kv_like(3, seed=60)], [kv_like(9001, seed=61, outliers=0.6)]]
+    tags = list(range(1, len(layers) + 1))
+    outs = [torch.full((encode_capacity(sum(r.numel() for r in regs), 2),), 0xA5, dtype=torch.uint8, device=DEV)
+            for regs in layers]
+    lens = BE.encode_batch_into(layers, BF16, BOOK, 12, outs, tags)
+    assert lens.device.type == "cuda" and lens.dtype == torch.int64
+    for regs, tag, out, length in zip(layers, tags, outs, lens.tolist()):
+        ref = reference.encode([r.cpu() for r in regs], BF16, BOOK, 12, tag)
+        assert length == ref.numel() and torch.equal(out[:length].cpu(), ref)

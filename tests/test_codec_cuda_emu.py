@@ -37,6 +37,13 @@ class SzRegions(ctypes.Structure):
                 ("uniform", ctypes.c_int64), ("count", ctypes.c_int64), ("n", ctypes.c_int64)]
 
 
+class SzBatchItem(ctypes.Structure):
+    _fields_ = [("src", SzRegions), ("out", ctypes.c_void_p), ("out_capacity", ctypes.c_uint64),
+                ("tag", ctypes.c_uint64), ("tile0", ctypes.c_uint64), ("ntiles", ctypes.c_uint64),
+                ("state_off", ctypes.c_uint64), ("stage_off", ctypes.c_uint64), ("stage_cap", ctypes.c_uint64),
+                ("exp4", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if CXX is None:
@@ -59,6 +66,12 @@ def lib(tmp_path_factory):
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_decode_workspace_bytes.restype = ctypes.c_size_t
     so.splitzip_cuda_decode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int]
+    B = ctypes.POINTER(SzBatchItem)
+    so.splitzip_cuda_encode_batch_plan.restype = ctypes.c_size_t
+    so.splitzip_cuda_encode_batch_plan.argtypes = [B, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    so.splitzip_cuda_encode_batch.argtypes = [B, B, ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                              ctypes.c_void_p]
     so.sz_emu_configure(4, 2, 3)  # 4 "SMs" x 2 resident blocks, blocks run on 3 OS threads
     return so
 
@@ -413,3 +426,81 @@ def test_many_tiles_under_different_grids(lib, shape):
             check_roundtrip(lib, [x], BOOK, cl)
     finally:
         lib.sz_emu_configure(4, 2, 3)
+
+
+def emu_encode_batch(so, items: list[list[torch.Tensor]], dtype, codebook, chunk_log2, tags) -> list[torch.Tensor]:
+    """One batched launch for all items; returns the payloads (lengths from the device-written lens)."""
+    tables = [Table(regions) for regions in items]
+    outs, caps = [], []
+    arr = (SzBatchItem * len(items))()
+    for i, (tb, regions) in enumerate(zip(tables, items)):
+        esize = regions[0].element_size() if regions else 2
+        cap = encode_capacity(tb.s.n, esize)
+        outs.append(aligned_empty(cap + 64, fill=0xA5))
+        caps.append(cap)
+        arr[i].src = tb.s
+        arr[i].out = outs[-1].data_ptr()
+        arr[i].out_capacity = cap
+        arr[i].tag = tags[i]
+    n_codes = codebook.n_codes if codebook else 0
+    wsb = so.splitzip_cuda_encode_batch_plan(arr, len(items), dtype, n_codes, chunk_log2)
+    assert wsb > 0
+    ws = aligned_empty(wsb + 64, fill=0x5A)
+    lens = torch.full((len(items),), -1, dtype=torch.int64)
+    cb = bytes(codebook.exponents) if codebook else None
+    rc = so.splitzip_cuda_encode_batch(arr, arr, len(items), dtype, cb, n_codes, chunk_log2, lens.data_ptr(),
+                                       ws.data_ptr(), wsb, None)
+    assert rc == 0, rc
+    assert bool((ws[wsb:] == 0x5A).all()), "batched encode wrote past its workspace"
+    got = []
+    for out, cap, length in zip(outs, caps, lens.tolist()):
+        assert bool((out[cap:] == 0xA5).all()), "batched encode wrote past encode_capacity"
+        assert length == parse_header(out[:HEADER_BYTES].numpy().tobytes()).payload_bytes
+        got.append(out[:length].clone())
+    return got
+
+
+@pytest.mark.parametrize("chunk_log2", [8, 12, 15])
+def test_encode_batch_one_launch(lib, chunk_log2):
+    """All layers of a request in one launch: every payload (EXP4, RAW fallback, too small, empty, multi-region)
+    and its device-written length equal the reference encoder's, with each item's own tag."""
+    items = [[kv_like(20000, seed=1, outliers=0.01)],
+             [kv_like(5120, seed=i) for i in range(2, 6)],        # pages: tiles straddle regions
+             [kv_like(9001, seed=7, outliers=0.6)],               # too many escapes: RAW fallback
+             [kv_like(5, seed=8)],                                # too small to gain: RAW tiles
+             [],                                                  # no elements
+             [kv_like(70001, seed=9, outliers=0.003)]]
+    tags = [0, 1, 2**64 - 1, 0x1234, 5, 2**63]
+    got = emu_encode_batch(lib, items, BF16, BOOK, chunk_log2, tags)
+    for regions, tag, payload in zip(items, tags, got):
+        assert torch.equal(payload, reference.encode(regions, BF16, BOOK, chunk_log2, tag))
+    raw = emu_encode_batch(lib, items[:2], BF16, None, chunk_log2, tags[:2])  # no codebook: RAW items only
+    for regions, tag, payload in zip(items, tags, raw):
+        assert torch.equal(payload, reference.encode(regions, BF16, None, chunk_log2, tag))
+
+
+def test_encode_batch_rejects_unplanned_items(lib):
+    x = kv_like(1000, seed=1)
+    tb = Table([x])
+    arr = (SzBatchItem * 1)()
+    arr[0].src = tb.s
+    out = aligned_empty(encode_capacity(1000, 2))
+    arr[0].out, arr[0].out_capacity = out.data_ptr(), encode_capacity(1000, 2)
+    ws = aligned_empty(1 << 16)
+    lens = torch.zeros(1, dtype=torch.int64)
+    args = (arr, arr, 1, BF16, bytes(BOOK.exponents), 16, 12, lens.data_ptr(), ws.data_ptr(), 1 << 16, None)
+    assert lib.splitzip_cuda_encode_batch(*args) == -1  # plan fields not filled
+    assert lib.splitzip_cuda_encode_batch_plan(arr, 1, BF16, 16, 12) > 0
+    assert lib.splitzip_cuda_encode_batch(*args) == 0
+
+
+def test_multi_region_capture_refused_in_python(monkeypatch):
+    """cuda_backend refuses a host-built region table while the stream is being captured (no GPU needed)."""
+    from splitzip_vllm.codec.backends import cuda_backend
+    regions = [torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.bfloat16)]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="CUDA-graph capture"):
+        cuda_backend.refuse_host_table_in_capture(regions, "encode")
+    cuda_backend.refuse_host_table_in_capture(regions[:1] + [torch.zeros(0)], "encode")  # one region: fine
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_backend.refuse_host_table_in_capture(regions, "encode")

@@ -2,16 +2,24 @@
 //
 // Everything runs on the CURRENT torch CUDA stream of the tensors' device, and nothing here synchronizes with
 // the host: the region table (when more than one region is given) goes to the device through a pinned buffer
-// and a non-blocking copy, workspaces come from the caching allocator (stream-ordered), and decode returns a
-// device status tensor (int32[4]: code, aux lo, aux hi, 0) that the Python layer turns into PayloadError.
-// Argument problems raise ValueError; CUDA launch errors raise RuntimeError.
+// and a non-blocking copy -- refused while the stream is being captured into a CUDA graph (the graph would
+// replay a copy from a host buffer that is gone by then; pass device tables: encode_ptrs / decode_ptrs) --, and
+// decode returns a device status tensor (int32[4]: code, aux lo, aux hi, 0) that the Python layer turns into
+// PayloadError (format.py's status table). Workspaces are cached per (device, stream) outside graph capture
+// (inside, they come from the graph's pool, which keeps them for the graph's lifetime). Every caller tensor the
+// kernels touch is recorded on the current stream (recordStream), so a caller on a side stream may free its
+// tensors right after the call. Argument problems raise ValueError; CUDA launch errors raise RuntimeError.
 #include <torch/extension.h>
 
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -52,6 +60,41 @@ void check_cuda_tensor(const at::Tensor& t, const at::Device& dev, const char* w
   if (!t.is_contiguous()) value_error(std::string(what) + " " + std::to_string(i) + " is not contiguous");
 }
 
+c10::cuda::CUDAStream current_stream(const at::Device& dev) { return c10::cuda::getCurrentCUDAStream(dev.index()); }
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone;
+}
+
+// The kernels on `stream` use t: the caching allocator must not hand its memory out again before they are done,
+// even when t was allocated on (and is freed from) another stream.
+void record_on(const at::Tensor& t, const c10::cuda::CUDAStream& stream) {
+  if (t.defined() && t.numel() > 0 && t.has_storage())
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+}
+
+// Device workspace of at least `bytes`: cached per (device, stream) outside graph capture (stream order keeps
+// calls on one stream from overlapping; a grown cache entry frees the old one stream-ordered); inside a capture a
+// fresh allocation from the graph's private pool.
+std::mutex g_ws_mu;
+std::map<std::pair<int, cudaStream_t>, at::Tensor> g_ws;
+
+at::Tensor workspace(size_t bytes, const at::Device& dev, const c10::cuda::CUDAStream& stream) {
+  const auto opts = at::TensorOptions().dtype(at::kByte).device(dev);
+  const int64_t want = int64_t(bytes < 256 ? 256 : bytes);
+  if (capturing(stream.stream())) return at::empty({want}, opts);
+  std::lock_guard<std::mutex> lock(g_ws_mu);
+  at::Tensor& t = g_ws[{int(dev.index()), stream.stream()}];
+  if (!t.defined() || t.numel() < want) t = at::empty({want + want / 4}, opts);
+  return t;
+}
+
+void release_workspaces() {
+  std::lock_guard<std::mutex> lock(g_ws_mu);
+  g_ws.clear();
+}
+
 // Region table of a list of tensors (empty regions dropped). `keep` holds the device copy of the table.
 struct Table {
   SzRegions r{};
@@ -75,6 +118,11 @@ Table table_from_list(const std::vector<at::Tensor>& regions, int esize, const a
   tb.r.count = int64_t(parts.size());
   if (parts.size() == 1) tb.r.ptr0 = reinterpret_cast<uint64_t>(parts[0]->data_ptr());
   if (parts.size() <= 1) return tb;
+  if (capturing(current_stream(dev).stream()))
+    value_error("splitzip cuda: a list of " + std::to_string(parts.size()) +
+                " regions needs a region table copied from pinned host memory, which CUDA-graph capture cannot "
+                "replay safely; inside a graph pass a device table (CudaBackend.encode_table_into / "
+                "decode_table_into_async) or one contiguous region");
   bool uniform = true;
   for (const at::Tensor* t : parts) uniform &= t->numel() == parts[0]->numel();
   const int64_t k = int64_t(parts.size());
@@ -155,8 +203,10 @@ void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
                 std::to_string(cap));
   const size_t ws_bytes =
       splitzip_cuda_encode_workspace_bytes(r.n, int(dtype_code), cb.empty() ? 0 : 1, int(chunk_log2));
-  at::Tensor ws = at::empty({int64_t(ws_bytes)}, out.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cs = current_stream(dev);
+  const cudaStream_t stream = cs.stream();
+  at::Tensor ws = workspace(ws_bytes, dev, cs);
+  record_on(out, cs);
   check_launch(splitzip_cuda_encode(&r, int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
                                     int(chunk_log2), tag, out.data_ptr<uint8_t>(), uint64_t(out.numel()),
                                     ws.data_ptr(), ws_bytes, stream),
@@ -180,8 +230,11 @@ at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tens
     st = at::empty({4}, payload.options().dtype(at::kInt));
   }
   const size_t ws_bytes = splitzip_cuda_decode_workspace_bytes(r.n, int(dtype_code));
-  at::Tensor ws = at::empty({int64_t(ws_bytes)}, payload.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  const c10::cuda::CUDAStream cs = current_stream(dev);
+  const cudaStream_t stream = cs.stream();
+  at::Tensor ws = workspace(ws_bytes, dev, cs);
+  record_on(payload, cs);
+  record_on(st, cs);
   // an empty payload tensor has no storage; point at the (16-byte aligned) workspace, which is never read
   // as payload because payload_len == 0 fails validation first
   const uint8_t* pp = payload.numel() > 0 ? payload.data_ptr<uint8_t>() : static_cast<const uint8_t*>(ws.data_ptr());
@@ -198,6 +251,7 @@ void encode_regions(const std::vector<at::Tensor>& regions, int64_t dtype_code,
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
+  for (const at::Tensor& t : regions) record_on(t, current_stream(dev));
   encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out, tag);
 }
 
@@ -207,6 +261,8 @@ void encode_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor>& prefix
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
+  record_on(ptrs, current_stream(dev));
+  if (prefix.has_value()) record_on(*prefix, current_stream(dev));
   encode_impl(r, dev, dtype_code, codebook, chunk_log2, out, tag);
 }
 
@@ -215,6 +271,7 @@ at::Tensor decode_regions(const at::Tensor& payload, int64_t payload_len, const 
   const at::Device dev = payload.device();
   c10::cuda::CUDAGuard guard(dev);
   const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
+  for (const at::Tensor& t : regions) record_on(t, current_stream(dev));
   return decode_impl(tb.r, dev, payload, payload_len, dtype_code, status, tag);
 }
 
@@ -224,7 +281,58 @@ at::Tensor decode_ptrs(const at::Tensor& payload, int64_t payload_len, const at:
   const at::Device dev = payload.device();
   c10::cuda::CUDAGuard guard(dev);
   const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
+  record_on(ptrs, current_stream(dev));
+  if (prefix.has_value()) record_on(*prefix, current_stream(dev));
   return decode_impl(r, dev, payload, payload_len, dtype_code, status, tag);
+}
+
+// All payloads of one request in one launch: items[i] (a list of CUDA tensors) -> outs[i] (uint8, 16-byte
+// aligned, >= encode_capacity) bound to tags[i]. Returns the device int64 tensor of the payload lengths. The item
+// descriptors (and multi-region tables) go to the device from pinned memory: refused inside graph capture.
+at::Tensor encode_batch(const std::vector<std::vector<at::Tensor>>& items, int64_t dtype_code,
+                        const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2,
+                        const std::vector<at::Tensor>& outs, const std::vector<uint64_t>& tags) {
+  if (items.empty() || items.size() != outs.size() || items.size() != tags.size())
+    value_error("encode_batch needs one output buffer and one tag per item, and at least one item");
+  const at::Device dev = outs[0].device();
+  c10::cuda::CUDAGuard guard(dev);
+  const c10::cuda::CUDAStream cs = current_stream(dev);
+  if (capturing(cs.stream()))
+    value_error("splitzip cuda encode_batch copies its item table from pinned host memory: not inside CUDA-graph "
+                "capture (encode the items one by one with device region tables there)");
+  const int esize = elem_size_of(dtype_code);
+  const std::vector<uint8_t> cb = codebook_bytes(codebook);
+  const int64_t count = int64_t(items.size());
+  at::Tensor host = at::empty({count * int64_t(sizeof(SzBatchItem))},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* h = reinterpret_cast<SzBatchItem*>(host.data_ptr<uint8_t>());
+  std::vector<Table> tables;
+  tables.reserve(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    check_out(outs[i], dev);
+    tables.push_back(table_from_list(items[i], esize, dev));
+    for (const at::Tensor& t : items[i]) record_on(t, cs);
+    record_on(outs[i], cs);
+    h[i] = SzBatchItem{};
+    h[i].src = tables.back().r;
+    h[i].out = outs[i].data_ptr<uint8_t>();
+    h[i].out_capacity = uint64_t(outs[i].numel());
+    h[i].tag = tags[i];
+  }
+  const size_t ws_bytes = splitzip_cuda_encode_batch_plan(h, int(count), int(dtype_code), int(cb.size()),
+                                                          int(chunk_log2));
+  if (ws_bytes == 0) value_error("encode_batch: inconsistent arguments");
+  at::Tensor dev_items = at::empty({host.numel()}, at::TensorOptions().dtype(at::kByte).device(dev));
+  dev_items.copy_(host, /*non_blocking=*/true);
+  at::Tensor lens = at::empty({count}, at::TensorOptions().dtype(at::kLong).device(dev));
+  at::Tensor ws = workspace(ws_bytes, dev, cs);
+  check_launch(splitzip_cuda_encode_batch(h, reinterpret_cast<const SzBatchItem*>(dev_items.data_ptr<uint8_t>()),
+                                          int(count), int(dtype_code), cb.empty() ? nullptr : cb.data(),
+                                          int(cb.size()), int(chunk_log2),
+                                          reinterpret_cast<uint64_t*>(lens.data_ptr<int64_t>()), ws.data_ptr(),
+                                          ws_bytes, cs.stream()),
+               "splitzip cuda encode_batch");
+  return lens;
 }
 
 }  // namespace
@@ -249,6 +357,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefix"), py::arg("region_elems"), py::arg("n_elems"), py::arg("dtype_code"),
         py::arg("status") = py::none(), py::arg("tag") = 0,
         "decode() into a device region table (see encode_ptrs).");
+  m.def("encode_batch", &encode_batch, py::arg("items"), py::arg("dtype_code"), py::arg("codebook"),
+        py::arg("chunk_log2"), py::arg("outs"), py::arg("tags"),
+        "Encode every item (a list of CUDA tensors) into its output buffer in ONE kernel launch on the current "
+        "stream; returns the device int64 tensor of payload lengths (no host synchronization).");
+  m.def("release_workspaces", &release_workspaces, "Free the cached per-stream workspaces.");
   m.def("encode_workspace_bytes", &splitzip_cuda_encode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"),
         py::arg("codebook_given"), py::arg("chunk_log2"));
   m.def("decode_workspace_bytes", &splitzip_cuda_decode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"));

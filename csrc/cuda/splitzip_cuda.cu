@@ -37,6 +37,10 @@
 // buffer below 96 + n*elem_size + 64 / the workspace; every payload read is below header bytes + body_bytes <=
 // payload_len
 // (header validated first; the tail group's vector reads stay inside the dense sections, see host_format_test).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+#error "splitzip_cuda.cu needs sm_70 or newer (__nanosleep, ld.relaxed.gpu / st.relaxed.gpu); build for sm_80 / sm_90"
+#endif
+
 #if defined(SPLITZIP_CUDA_EMU)  // CPU emulation build for tests (csrc/cuda/emu/cuda_emu.h)
 #include "emu/cuda_emu.h"
 #define SZ_LAUNCH(kernel, grid, stream, ...) ::sz_emu::launch(kernel, grid, kThreads, __VA_ARGS__)
@@ -91,6 +95,10 @@ __device__ __forceinline__ void st_relaxed(uint64_t* p, uint64_t v) {
 #else
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 #endif
+}
+
+__device__ __forceinline__ uint32_t vload(const unsigned int* p) {
+  return *reinterpret_cast<const volatile unsigned int*>(p);
 }
 
 __device__ __forceinline__ uint32_t warp_incl_scan(uint32_t v) {
@@ -349,7 +357,7 @@ struct EncArgs {
 
 // NP passes of 2048 elements per tile: tile = max(chunk, 8192) elements (exp4_encode_tile_elems), 4..32 chunks
 template <int NP>
-__global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
+__device__ __forceinline__ void enc_exp4_tile(const EncArgs& a, const uint32_t tile) {
   constexpr int64_t TE = int64_t(NP) * kPassElems;
   constexpr int NQ = NP * kWarps;        // (pass, warp) slots in element order
   constexpr int NB = NP < 4 ? NP : 4;    // passes whose loads are in flight together
@@ -357,13 +365,11 @@ __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   __shared__ uint8_t s_mask[NP * kThreads];  // escape bits of each thread's 8 elements, per pass
   __shared__ uint32_t s_off[NQ];
   __shared__ uint32_t s_ck[2][kWarps];
-  __shared__ uint32_t s_tile;
   __shared__ uint32_t s_total;
   __shared__ unsigned long long s_excl;
   uint8_t* s_lut = reinterpret_cast<uint8_t*>(s_lut32);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) s_tile = atomicAdd(&a.ctl->tile_counter, 1u);
   {  // lut[e] = code of exponent e = tid, or escape (codebook entries are distinct)
     uint32_t code = kLutEscape;
 #pragma unroll
@@ -373,7 +379,6 @@ __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   }
   __syncthreads();
 
-  const uint32_t tile = s_tile;
   const int64_t ts = int64_t(tile) * TE;
   const int64_t tend = ts + TE < a.n ? ts + TE : a.n;
   const RegionLoc L = region_of(a.src, ts);
@@ -503,6 +508,15 @@ __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   }
 }
 
+// One block per tile; tiles are numbered in the order their blocks start (atomic counter): look-back progress.
+template <int NP>
+__global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
+  __shared__ uint32_t s_tile;
+  if (threadIdx.x == 0) s_tile = atomicAdd(&a.ctl->tile_counter, 1u);
+  __syncthreads();
+  enc_exp4_tile<NP>(a, s_tile);
+}
+
 // RAW tile copy between the region table and a linear buffer, optionally adding checksum terms.
 // TO_LIN: regions -> lin (encode); else lin -> regions (decode). Tile = U * 4 KiB starting at byte tb0.
 template <bool TO_LIN, bool SUM, int U>
@@ -593,10 +607,14 @@ struct FinArgs {
   uint32_t ntiles;  // EXP4 tiles of enc_exp4_kernel; 0 when the payload is RAW by construction
   int raw_copied;   // RAW by construction: the body is already written by enc_raw_kernel
   uint8_t codebook[16];
-  uint64_t tag;     // transfer tag written into the header (FORMAT.md §6a)
+  uint64_t tag;      // transfer tag written into the header (FORMAT.md §6a)
+  uint64_t* len_out;  // optional device word: the payload length (batched encode)
 };
 
-__global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
+// Finish one payload with blocks [block, ..) of nblocks: header, gaps, staged exponents or the RAW fallback copy.
+// Reads what other blocks of the same launch may have written (batched encode: the last tile's block runs it)
+// through L2 (ld_relaxed / volatile / __ldcg), after the caller's fence.
+__device__ __forceinline__ void enc_finish_body(const FinArgs& a, const uint32_t block, const uint32_t nblocks) {
   __shared__ uint32_t s_crc[256];
   const int tid = threadIdx.x;
   const uint64_t n = uint64_t(a.n);
@@ -604,22 +622,24 @@ __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
   bool exp4 = false;
   Exp4Layout lay{};
   if (a.ntiles > 0) {
-    m = a.state[a.ntiles - 1] & kValMask;  // inclusive prefix of the last tile = escape total
+    m = ld_relaxed(a.state + (a.ntiles - 1)) & kValMask;  // inclusive prefix of the last tile = escape total
     lay = Exp4Layout::compute(n, a.chunk_log2, m);
     exp4 = lay.body_bytes < n * uint64_t(a.esize);
   }
   uint8_t* body = a.out + kHeaderBytes;
-  if (blockIdx.x == 0) {
+  if (block == 0) {
     s_crc[tid] = crc32_table_entry(uint32_t(tid));
     __syncthreads();
     if (tid == 0) {
       __align__(16) uint8_t hb[kHeaderBytes];
       pack_header(make_header(a.dtype, exp4 ? kModeExp4 : kModeRaw, a.n_codes, a.chunk_log2, a.codebook, n, m,
-                              exp4 ? lay.body_bytes : n * uint64_t(a.esize), a.ctl->sum_a, a.ctl->sum_b, a.tag),
+                              exp4 ? lay.body_bytes : n * uint64_t(a.esize), vload(&a.ctl->sum_a), vload(&a.ctl->sum_b),
+                              a.tag),
                   hb, s_crc);
 #pragma unroll
       for (int i = 0; i < kHeaderBytes / 16; ++i)
         reinterpret_cast<uint4*>(a.out)[i] = reinterpret_cast<const uint4*>(hb)[i];
+      if (a.len_out) *a.len_out = uint64_t(kHeaderBytes) + (exp4 ? lay.body_bytes : n * uint64_t(a.esize));
       if (exp4) {  // zero gaps between sections (FORMAT.md §3)
         for (uint64_t k = n; k < lay.off_codes; ++k) body[k] = 0;
         for (uint64_t k = lay.off_codes + (n + 1) / 2; k < lay.off_counts; ++k) body[k] = 0;
@@ -629,15 +649,19 @@ __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
     }
   }
   if (exp4) {
-    for (uint64_t j = uint64_t(blockIdx.x) * kThreads + tid; j < m; j += uint64_t(gridDim.x) * kThreads)
-      body[lay.off_exp + j] = a.exp_stage[j];
+    for (uint64_t j = uint64_t(block) * kThreads + tid; j < m; j += uint64_t(nblocks) * kThreads)
+      body[lay.off_exp + j] = __ldcg(a.exp_stage + j);
   } else if (!a.raw_copied && n > 0) {  // RAW fallback: EXP4 would not be smaller
     const uint64_t nbytes = n * uint64_t(a.esize);
     const uint64_t ntiles = (nbytes + kEncRawTileBytes - 1) / kEncRawTileBytes;
     uint32_t ca = 0u, cb = 0u;
-    for (uint64_t t = blockIdx.x; t < ntiles; t += gridDim.x)
+    for (uint64_t t = block; t < ntiles; t += nblocks)
       raw_tile<true, false, 4>(a.src, a.esize, body, nbytes, t * kEncRawTileBytes, ca, cb);
   }
+}
+
+__global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
+  enc_finish_body(a, blockIdx.x, gridDim.x);
 }
 
 // ---- decode ------------------------------------------------------------------------------------------------------
@@ -992,6 +1016,16 @@ static int blocks_per_sm(K kernel, int slot) {
 
 static int launch_result(cudaError_t e) { return e == cudaSuccess ? SZ_LAUNCH_OK : int(e); }
 
+// Encode codebook arguments: 0..16 distinct exponents (host memory), chunk_log2 in range when any is given.
+static bool codebook_ok(const uint8_t* codebook, int n_codes, int chunk_log2) {
+  if (n_codes < 0 || n_codes > kMaxCodes || (n_codes > 0 && codebook == nullptr)) return false;
+  if (n_codes > 0 && (chunk_log2 < kMinChunkLog2 || chunk_log2 > kMaxChunkLog2)) return false;
+  for (int i = 0; i < n_codes; ++i)
+    for (int j = 0; j < i; ++j)
+      if (codebook[i] == codebook[j]) return false;
+  return true;
+}
+
 }  // namespace cudak
 }  // namespace splitzip
 
@@ -1009,11 +1043,7 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
                          size_t workspace_bytes, cudaStream_t stream) {
   const int esize = dtype_elem_size(dtype);
   if (esize == 0 || !regions_ok(src) || out == nullptr || workspace == nullptr) return SZ_LAUNCH_BAD_ARG;
-  if (n_codes < 0 || n_codes > kMaxCodes || (n_codes > 0 && codebook == nullptr)) return SZ_LAUNCH_BAD_ARG;
-  if (n_codes > 0 && (chunk_log2 < kMinChunkLog2 || chunk_log2 > kMaxChunkLog2)) return SZ_LAUNCH_BAD_ARG;
-  for (int i = 0; i < n_codes; ++i)
-    for (int j = 0; j < i; ++j)
-      if (codebook[i] == codebook[j]) return SZ_LAUNCH_BAD_ARG;
+  if (!codebook_ok(codebook, n_codes, chunk_log2)) return SZ_LAUNCH_BAD_ARG;
   const int64_t n = src->n;
   if (out_capacity < encode_capacity(uint64_t(n), uint64_t(esize))) return SZ_LAUNCH_SMALL_BUFFER;
   if ((reinterpret_cast<uintptr_t>(out) & 15u) != 0 || (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)
@@ -1138,3 +1168,5 @@ int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzR
 }
 
 }  // extern "C"
+
+#include "splitzip_cuda_batch.cuh"  // batched encode: one launch for all payloads of a request

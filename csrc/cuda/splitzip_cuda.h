@@ -41,6 +41,22 @@ typedef struct SzRegions {
 // When several problems are present, the lowest code is kept (codes follow the check order of FORMAT.md §6).
 // Messages: splitzip_vllm/codec/format.py (STATUS_MESSAGES).
 
+// One payload of a batched encode (splitzip_cuda_encode_batch): the caller fills src / out / out_capacity / tag,
+// splitzip_cuda_encode_batch_plan fills the rest (the item's tiles and workspace offsets).
+typedef struct SzBatchItem {
+  SzRegions src;          // device region table of the item's data (as for splitzip_cuda_encode)
+  uint8_t* out;           // device, 16-byte aligned, out_capacity >= encode_capacity(src.n, elem_size)
+  uint64_t out_capacity;
+  uint64_t tag;           // transfer tag of this payload (FORMAT.md §6a)
+  uint64_t tile0;         // plan: first tile of the item in the launch
+  uint64_t ntiles;        // plan: tiles of the item (>= 1)
+  uint64_t state_off;     // plan: workspace byte offset of the item's look-back state
+  uint64_t stage_off;     // plan: workspace byte offset of the item's escape staging
+  uint64_t stage_cap;     // plan: its capacity in bytes
+  int32_t exp4;           // plan: 1 = EXP4 tiles, 0 = RAW tiles
+  int32_t pad;
+} SzBatchItem;
+
 // Launcher results (host-side argument problems; nothing is enqueued). Positive values are cudaError_t.
 enum SzLaunchResult {
   SZ_LAUNCH_OK = 0,
@@ -63,6 +79,16 @@ size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int code
 int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int chunk_log2,
                          uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);
+
+// Batched encode of `count` payloads (e.g. all layers of one request) in ONE kernel launch (plus one memset):
+// every payload is byte-identical to splitzip_cuda_encode's; lens[i] (device u64) receives payload i's length.
+// All items share dtype, codebook and chunk_log2. First call splitzip_cuda_encode_batch_plan on the host array
+// (fills the plan fields, returns the workspace bytes, 0 for bad arguments), copy the array to the device, then
+// launch with both copies (items_host for the grid size, items_dev read by the kernel).
+size_t splitzip_cuda_encode_batch_plan(SzBatchItem* items, int count, int dtype, int n_codes, int chunk_log2);
+int splitzip_cuda_encode_batch(const SzBatchItem* items_host, const SzBatchItem* items_dev, int count, int dtype,
+                               const uint8_t* codebook, int n_codes, int chunk_log2, uint64_t* lens,
+                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // Bytes of device workspace that decode needs for a destination of n_elems elements of `dtype`.
 size_t splitzip_cuda_decode_workspace_bytes(int64_t n_elems, int dtype);

@@ -289,6 +289,8 @@ inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
 }
 template <typename T>
 T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) {

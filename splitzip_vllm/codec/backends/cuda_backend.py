@@ -11,6 +11,10 @@ Encode and decode run on the current torch CUDA stream and never synchronise wit
   read past the payload length, whatever the payload holds; on a non-zero code the destination holds garbage.
   ``raise_for_status`` (synchronises) turns a status (``format.Status``) into :class:`PayloadError` with the
   message the reference decoder would give (``format.decode_error_message``). ``decode_into`` is the synchronous convenience path (both steps).
+* ``encode_batch_into`` encodes all payloads of one request (one per layer) in ONE kernel launch, lengths
+  written to a device tensor.
+* Multi-region lists are refused inside CUDA-graph capture (their table comes from pinned host memory);
+  caller tensors are recorded on the current stream (safe to free after a call on a side stream).
 * ``encode_table_into`` / ``decode_table_into_async`` take a device table of region base addresses (int64 CUDA
   tensor) instead of a tensor list, for callers that keep block-pointer tables on the device (paged KV cache):
   every region holds ``region_elems`` elements, or ``prefix`` (int64 CUDA tensor, ``len(ptrs) + 1`` element
@@ -40,6 +44,15 @@ except ImportError as e:  # extension not built (CPU-only torch, or built withou
     _IMPORT_ERROR = e
 
 _ALIGN = 16
+
+
+def refuse_host_table_in_capture(regions: Sequence[torch.Tensor], what: str) -> None:
+    """More than one non-empty region needs a region table copied from pinned host memory: unsafe to capture
+    into a CUDA graph (the replay would read a host buffer that is gone), so refused with a clear error."""
+    if sum(1 for r in regions if r.numel() > 0) > 1 and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"splitzip cuda {what}: a list of regions needs a region table copied from pinned host "
+                         "memory, which CUDA-graph capture cannot replay safely; inside a graph pass a device "
+                         "table (encode_table_into / decode_table_into_async) or one contiguous region")
 
 
 def _status_values(status: torch.Tensor) -> tuple[int, int]:
@@ -101,6 +114,7 @@ class CudaBackend(CodecBackend):
         if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous():
             raise ValueError("the cuda codec backend encodes into a contiguous uint8 CUDA tensor")
         regs = _cuda_regions(regions, out.device)
+        refuse_host_table_in_capture(regs, "encode")
         cb = list(codebook.exponents) if codebook is not None else None
         flat = out.reshape(-1)
         if _aligned(flat):
@@ -125,6 +139,29 @@ class CudaBackend(CodecBackend):
         cb = list(codebook.exponents) if codebook is not None else None
         ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1), tag)
 
+    def encode_batch_into(self, items: Sequence[Sequence[torch.Tensor]], dtype: int, codebook: Codebook | None,
+                          chunk_log2: int, outs: Sequence[torch.Tensor],
+                          tags: Sequence[int] | None = None) -> torch.Tensor:
+        """Encode every item (e.g. each layer of one request: a list of regions) into its ``outs`` buffer in ONE
+        kernel launch on the current stream; payload ``i`` is bound to ``tags[i]`` (default 0) and is byte-identical
+        to ``encode_into``'s. Returns the device int64 tensor of payload lengths (no host synchronisation). The
+        item table is copied from pinned memory: not inside CUDA-graph capture."""
+        ext = self._ext()
+        tags = [0] * len(items) if tags is None else [check_tag(t) for t in tags]
+        if not items or len(outs) != len(items) or len(tags) != len(items):
+            raise ValueError("encode_batch_into needs at least one item, and one output buffer and tag per item")
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("splitzip cuda encode_batch_into copies its item table from pinned host memory: not "
+                             "inside CUDA-graph capture")
+        dev = outs[0].device
+        for o in outs:
+            if o.dtype != torch.uint8 or o.device != dev or not o.is_contiguous() or not _aligned(o):
+                raise ValueError("encode_batch_into needs contiguous, 16-byte aligned uint8 output tensors on one "
+                                 "CUDA device")
+        regs = [_cuda_regions(r, dev) for r in items]
+        cb = list(codebook.exponents) if codebook is not None else None
+        return ext.encode_batch(regs, dtype, cb, chunk_log2, [o.reshape(-1) for o in outs], tags)
+
     # ---- decode ---------------------------------------------------------------------------------------------
     def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
                     tag: int = 0) -> None:
@@ -138,8 +175,8 @@ class CudaBackend(CodecBackend):
                           status: torch.Tensor | None = None, tag: int = 0) -> torch.Tensor:
         """Enqueue the decode on the current stream; returns the device status tensor (int32[4], 0 = OK).
 
-        No host synchronisation (CUDA-graph and side-stream safe apart from the pinned region-table copy made for
-        more than one region; use ``decode_table_into_async`` with a device table inside graphs). ``status``
+        No host synchronisation (CUDA-graph and side-stream safe; more than one region is refused inside a graph
+        capture: use ``decode_table_into_async`` with a device table there). ``status``
         may be a preallocated int32 CUDA tensor of >= 4 entries. Check it later with ``raise_for_status`` or
         read ``status[0]`` on the device.
         """
@@ -151,6 +188,7 @@ class CudaBackend(CodecBackend):
         if dev.type != "cuda":
             raise ValueError(f"the cuda codec backend decodes into CUDA tensors, got {dev}")
         regs = _cuda_regions(regions, dev)
+        refuse_host_table_in_capture(regs, "decode")
         for r in regions:
             if not r.is_contiguous():
                 raise ValueError("decode destinations must be contiguous (the api stages non-contiguous ones)")
