@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -27,64 +26,20 @@ from ..transport.base import Transport, TransportError
 from .binding import TicketTable, TicketTableFullError, transfer_tag
 from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, encode_notification
 from .kv_layout import KVLayout, PiecePlan, coalesce, piece_ranges
+from .loads import INDEX_POLL_S, Load, LoadError, Source, check_tp
 from .metadata import RecvRequest, RemoteInfo
-from .peers import Peer, PeerBook, PeerUnavailableError
+from .peers import PeerBook, PeerUnavailableError
 from .piece_index import ENTRY_BYTES, HEADER_BYTES, INDEX_PIECE, IndexRevokedError, parse_index
 
 logger = logging.getLogger("splitzip_vllm.connector")
 
 RECV_TICKET_SLOTS = 1 << 12     # raw loads in flight at once
 INDEX_LANDING_BYTES = 8 << 20   # host memory for piece-index READs in flight
-INDEX_POLL_S = (0.0005, 0.008)  # index READ interval per source: doubles while nothing new is ready
 INDEX_WINDOW = 4096             # entries per index READ (64 KiB): pieces become ready roughly in order
 
 
 def _align(x: int) -> int:
     return (x + ALIGN - 1) // ALIGN * ALIGN
-
-
-class LoadError(RuntimeError):
-    def __init__(self, msg: str, *, rejected: bool = False, peer_lost: bool = False):
-        super().__init__(msg)
-        self.rejected, self.peer_lost = rejected, peer_lost
-
-
-@dataclass
-class _Source:
-    rank: int                       # prefill TP rank
-    manifest: Manifest
-    plan: PiecePlan
-    head_lo: int                    # prefill-local heads read from this rank
-    head_hi: int
-    head_shift: int                 # decode-local head = prefill-local head + head_shift
-    reader: int
-    readers: int
-    todo: set[int] = field(default_factory=set)
-    located: dict[int, tuple[int, int]] = field(default_factory=dict)   # ready, not fetched yet
-    peer: Peer | None = None
-    asked: bool = False
-    index_read: tuple | None = None   # (handle, landing offset, first entry, entries)
-    last_index: float = 0.0
-    index_every: float = INDEX_POLL_S[0]
-    reads: list = field(default_factory=list)     # (handle, extent, [(piece, offset, length)])
-    jobs: list = field(default_factory=list)      # (future, extent, pieces)
-    direct: tuple | None = None       # (handle, phase "data" | "ticket")
-    ticket_slot: int | None = None
-    done: bool = False
-
-
-@dataclass
-class _Load:
-    rid: str
-    req: RecvRequest
-    sources: list[_Source]
-    started: float
-    progress: float
-    wire: int = 0
-    raw: int = 0
-    xfer_s: float = 0.0
-    decode_s: float = 0.0
-    error: str = ""                 # set when the load cannot even be planned (reported at the next poll)
 
 
 class Consumer:
@@ -103,9 +58,11 @@ class Consumer:
         self.tickets = TicketTable(RECV_TICKET_SLOTS)
         self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitzip-decode")
         self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
-        self._loads: dict[str, _Load] = {}
+        self._loads: dict[str, Load] = {}
         self._releases: list[tuple[RemoteInfo, float]] = []
-        self._cancelled: set[str] = set()
+        # ended loads whose KV blocks may still be written (a decode job running, a raw READ not released):
+        # vLLM may reuse the blocks once a load is reported, so it is reported only when they are quiet
+        self._draining: list[tuple[str, list, bool]] = []   # (request id, pending futures/handles, failed)
         self._zombies: list[tuple] = []   # (handle, free callback) whose DMA may still be in flight
 
     def registrations(self) -> list[tuple[int, int, str]]:
@@ -120,7 +77,7 @@ class Consumer:
     # ---- requests ------------------------------------------------------------------------------------------
     def start(self, rid: str, req: RecvRequest) -> None:
         now = time.monotonic()
-        load = self._loads[rid] = _Load(rid, req, [], now, now)
+        load = self._loads[rid] = Load(rid, req, [], now)
         try:
             load.sources = self._plan_sources(req)
         except (LoadError, ValueError) as e:
@@ -131,10 +88,11 @@ class Consumer:
         load = self._loads.pop(rid, None)
         if load is None:
             return
+        pending = []
         for src in load.sources:
-            self._abandon(src)
+            pending += self._abandon(src)
             self._notify(src, Done(request_id=load.req.remote.request_id, reader=src.reader, readers=src.readers))
-        self._cancelled.add(rid)
+        self._draining.append((rid, pending, False))
 
     def release(self, remote: RemoteInfo) -> None:
         """Nothing to read (full local prefix hit): tell the prefill ranks to free the request."""
@@ -145,7 +103,7 @@ class Consumer:
         for peer in self.peers.connected(remote.engine_id):
             self.transport.notify(peer.agent, msg)
 
-    def _plan_sources(self, req: RecvRequest) -> list[_Source]:
+    def _plan_sources(self, req: RecvRequest) -> list[Source]:
         """Which prefill ranks hold this rank's KV heads, and which of their heads and pieces to read."""
         remote = req.remote
         p_size, d_size, heads = remote.tp_size, self.tp_size, self.total_heads
@@ -160,7 +118,7 @@ class Consumer:
             m = Manifest.from_dict(remote.manifests[p])
             readers = max(1, d_size // p_size)
             plan = PiecePlan(len(self.layout.layers), hp, n, remote.blocks_per_piece)
-            src = _Source(p, m, plan, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
+            src = Source(p, m, plan, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
                           self.tp_rank % readers, readers)
             src.todo = set(plan.wanted(src.head_lo, src.head_hi, req.skip_blocks))
             out.append(src)
@@ -169,10 +127,11 @@ class Consumer:
     # ---- every step ------------------------------------------------------------------------------------------
     def poll(self) -> tuple[set[str], set[str]]:
         """Advance every load; returns (finished, failed) request ids (failed ones are in both)."""
-        finished, self._cancelled = self._cancelled, set()
+        finished: set[str] = set()
         failed: set[str] = set()
         self._send_releases()
         self._reap_zombies()
+        self._drained(finished, failed)
         for rid, load in list(self._loads.items()):
             try:
                 if load.error:
@@ -183,21 +142,31 @@ class Consumer:
                                     "prefill unreachable or overloaded?)", peer_lost=True)
             except LoadError as e:
                 self._fail(load, str(e), rejected=e.rejected, peer_lost=e.peer_lost)
-                failed.add(rid)
-                finished.add(rid)
                 continue
             except Exception as e:  # never let one load take the engine down
                 logger.exception("SplitZipConnector: KV load for request %s raised", rid)
                 self._fail(load, f"{type(e).__name__}: {e}", rejected=False, peer_lost=False)
-                failed.add(rid)
-                finished.add(rid)
                 continue
             if all(s.done for s in load.sources):
                 self._complete(load)
                 finished.add(rid)
+        self._drained(finished, failed)
         return finished, failed
 
-    def _advance(self, load: _Load) -> None:
+    def _drained(self, finished: set[str], failed: set[str]) -> None:
+        zombies = {id(h) for h, _ in self._zombies}
+        keep = []
+        for rid, pending, is_failure in self._draining:
+            pending = [x for x in pending if (not x.done() if hasattr(x, "done") else id(x) in zombies)]
+            if pending:
+                keep.append((rid, pending, is_failure))
+                continue
+            finished.add(rid)
+            if is_failure:
+                failed.add(rid)
+        self._draining = keep
+
+    def _advance(self, load: Load) -> None:
         remote = load.req.remote
         for src in load.sources:
             if src.done:
@@ -223,7 +192,7 @@ class Consumer:
                 raise LoadError(f"unknown manifest mode {src.manifest.mode!r}")
 
     # ---- compressed pieces -------------------------------------------------------------------------------------
-    def _advance_pieces(self, load: _Load, src: _Source) -> None:
+    def _advance_pieces(self, load: Load, src: Source) -> None:
         remote = load.req.remote
         if not src.asked:
             self._notify(src, Want(request_id=remote.request_id, reader=src.reader, readers=src.readers,
@@ -238,11 +207,11 @@ class Consumer:
         self._read_pieces(load, src)
         src.done = not src.todo
 
-    def _unlocated(self, src: _Source) -> list[int]:
+    def _unlocated(self, src: Source) -> list[int]:
         busy = {p for _, _, ps in src.reads for p, _, _ in ps} | {p for _, _, ps in src.jobs for p in ps}
         return sorted(src.todo - set(src.located) - busy)
 
-    def _read_index(self, load: _Load, src: _Source, waiting: list[int]) -> None:
+    def _read_index(self, load: Load, src: Source, waiting: list[int]) -> None:
         """READ the index header and the entries spanning the pieces still waiting (one READ, two ranges)."""
         first = waiting[0]
         count = max(p for p in waiting if p < first + INDEX_WINDOW) - first + 1
@@ -261,7 +230,7 @@ class Consumer:
         load.wire += size
         self.stats.add(index_read_bytes=size)
 
-    def _finish_index(self, load: _Load, src: _Source) -> None:
+    def _finish_index(self, load: Load, src: Source) -> None:
         if src.index_read is None or not self._done(src.index_read[0]):
             return
         handle, off, first, count = src.index_read
@@ -282,7 +251,7 @@ class Consumer:
         else:
             src.index_every = min(2 * src.index_every, INDEX_POLL_S[1])
 
-    def _read_pieces(self, load: _Load, src: _Source) -> None:
+    def _read_pieces(self, load: Load, src: Source) -> None:
         """READ located pieces into the receive buffer, as many as one free extent holds."""
         if not src.located:
             return
@@ -313,7 +282,7 @@ class Consumer:
         src.reads.append((handle, ext, pieces))
         load.wire += sum(n for _, n in rem)
 
-    def _finish_reads(self, load: _Load, src: _Source) -> None:
+    def _finish_reads(self, load: Load, src: Source) -> None:
         keep = []
         for handle, ext, pieces in src.reads:
             if not self._done(handle):
@@ -327,7 +296,7 @@ class Consumer:
             load.progress = time.monotonic()
         src.reads = keep
 
-    def _finish_jobs(self, load: _Load, src: _Source) -> None:
+    def _finish_jobs(self, load: Load, src: Source) -> None:
         keep = []
         for fut, ext, pieces in src.jobs:
             if not fut.done():
@@ -346,7 +315,7 @@ class Consumer:
             load.progress = time.monotonic()
         src.jobs = keep
 
-    def _decode_pieces(self, load: _Load, src: _Source, pieces: list[tuple[int, int, int]]) -> float:
+    def _decode_pieces(self, load: Load, src: Source, pieces: list[tuple[int, int, int]]) -> float:
         """Codec thread: decode payloads from the receive buffer into the KV cache (or scratch for blocks
         decode already has); every payload's tag must be the one prefill derived for this very piece."""
         t0 = time.perf_counter()
@@ -381,7 +350,7 @@ class Consumer:
         return dests, copies
 
     # ---- raw (direct) pieces --------------------------------------------------------------------------------
-    def _advance_direct(self, load: _Load, src: _Source) -> None:
+    def _advance_direct(self, load: Load, src: Source) -> None:
         m = src.manifest
         if m.ticket is None:
             raise LoadError(f"prefill published raw KV without a validity ticket ({m.reason})")
@@ -421,7 +390,7 @@ class Consumer:
         src.ticket_slot = None
         src.done = True
 
-    def _direct_ranges(self, req: RecvRequest, src: _Source) -> tuple[list, list]:
+    def _direct_ranges(self, req: RecvRequest, src: Source) -> tuple[list, list]:
         info = src.peer.info
         local, rem = [], []
         for li, layer in enumerate(self.layout.layers):
@@ -434,7 +403,7 @@ class Consumer:
         return coalesce(local, rem)
 
     # ---- transport helpers ----------------------------------------------------------------------------------
-    def _read(self, src: _Source, local, local_mem, remote, remote_mem, notif: bytes, extent=None):
+    def _read(self, src: Source, local, local_mem, remote, remote_mem, notif: bytes, extent=None):
         try:
             return self.transport.read(src.peer.agent, local, local_mem, remote, remote_mem, notif,
                                        self.dev if local_mem != "DRAM" else 0,
@@ -456,7 +425,7 @@ class Consumer:
             raise LoadError("the transport reported a transfer error (prefill gone or unreachable)", peer_lost=True)
         return True
 
-    def _notify(self, src: _Source, msg) -> None:
+    def _notify(self, src: Source, msg) -> None:
         if src.peer is not None:
             self.transport.notify(src.peer.agent, encode_notification(msg))
 
@@ -479,7 +448,7 @@ class Consumer:
         self._releases = keep
 
     # ---- endings ----------------------------------------------------------------------------------------------
-    def _complete(self, load: _Load) -> None:
+    def _complete(self, load: Load) -> None:
         del self._loads[load.rid]
         remote = load.req.remote
         raw_bytes = len(load.req.local_block_ids) * self.layout.block_bytes
@@ -494,20 +463,24 @@ class Consumer:
             self._notify(load.sources[0], Rate(wire_bytes=load.wire, transfer_s=load.xfer_s, raw_bytes=raw_bytes,
                                                decode_s=load.decode_s))
 
-    def _fail(self, load: _Load, why: str, *, rejected: bool, peer_lost: bool) -> None:
+    def _fail(self, load: Load, why: str, *, rejected: bool, peer_lost: bool) -> None:
         del self._loads[load.rid]
         logger.error("SplitZipConnector: KV load for request %s failed: %s; vLLM applies kv_load_failure_policy "
                      "(recompute or fail)", load.rid, why)
         self.stats.add(num_failed_transfers=1, num_rejected=int(rejected))
         remote = load.req.remote
+        pending = []
         for src in load.sources:
-            self._abandon(src)
+            pending += self._abandon(src)
             self._notify(src, Done(request_id=remote.request_id, reader=src.reader, readers=src.readers))
             if peer_lost and src.peer is not None:
                 self.peers.drop(remote.engine_id, src.rank)
+        self._draining.append((load.rid, pending, True))
 
-    def _abandon(self, src: _Source) -> None:
-        """Release what a failed source holds; buffers of READs the transport will not release stay reserved."""
+    def _abandon(self, src: Source) -> list:
+        """Release what an ended source holds; buffers of READs the transport will not release stay reserved.
+        Returns what may still write into the KV cache (running decode jobs, an unreleased raw READ)."""
+        pending: list = [fut for fut, _, _ in src.jobs]
         for fut, ext, _ in src.jobs:
             fut.add_done_callback(lambda _f, e=ext: self._free_recv(e))
         handles = [(h, (lambda e=ext: self._free_recv(e))) for h, ext, _ in src.reads]
@@ -523,7 +496,10 @@ class Consumer:
                 free()
             else:
                 self._zombies.append((handle, free))
+                if src.direct is not None and handle is src.direct[0]:
+                    pending.append(handle)   # a raw READ lands in the KV blocks themselves
         src.jobs, src.reads, src.index_read, src.direct, src.ticket_slot = [], [], None, None, None
+        return pending
 
     def _reap_zombies(self) -> None:
         keep = []
@@ -536,11 +512,3 @@ class Consumer:
 
     def close(self) -> None:
         self._codec.shutdown(wait=True, cancel_futures=True)
-
-
-def check_tp(prefill_tp: int, decode_tp: int, total_heads: int) -> None:
-    """Refuse TP pairs whose KV heads do not split evenly (replicated heads are not supported)."""
-    if total_heads % prefill_tp or total_heads % decode_tp:
-        raise LoadError(f"prefill TP size {prefill_tp} and decode TP size {decode_tp} do not both divide the "
-                        f"model's {total_heads} KV heads; choose TP sizes that divide {total_heads}")
-

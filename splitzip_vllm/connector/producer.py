@@ -22,7 +22,7 @@ from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
 from .binding import TicketTable, TicketTableFullError, new_nonce, transfer_tag
 from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, decode_notification
 from .kv_layout import KVLayout, PiecePlan
-from .piece_index import INDEX_PIECE, IndexArena, index_bytes
+from .piece_index import INDEX_PIECE, IndexArena
 
 logger = logging.getLogger("splitzip_vllm.connector")
 
@@ -71,6 +71,7 @@ class Producer:
         self._stop = False
         self._rr: collections.deque[str] = collections.deque()   # round-robin over requests with pieces to encode
         self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
+        self._encoding: int | None = None   # arena offset of the batch the encoder thread is writing
         self._thread = threading.Thread(target=self._encode_loop, name="splitzip-encoder", daemon=True)
         self._thread.start()
 
@@ -135,6 +136,8 @@ class Producer:
             if send.index_off is not None:
                 self.index.revoke(send.index_off)
             for off in send.batches:
+                if off == self._encoding:   # the encoder thread is writing it: it frees it when done
+                    continue
                 self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
                 self.arena_alloc.free(off)
             send.batches.clear()
@@ -236,6 +239,12 @@ class Producer:
                 self._encode_batch(*job)
             except Exception:  # a failing encode must not kill the thread: the request's lease frees it
                 logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
+            with self._cv:
+                s, off = job[0], job[2]
+                if self._sends.get(s.rid) is not s and self._encoding == off:   # dropped while encoding
+                    self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
+                    self.arena_alloc.free(off)
+                self._encoding = None
 
     def _next_batch(self):
         """(send, pieces, arena offset, capacity) of the next batch: pieces decode asked for first, round-robin
@@ -270,6 +279,7 @@ class Producer:
             if p not in s.encoded:
                 pieces.append(p)
         s.encoded.update(pieces)
+        self._encoding = off
         s.batches[off] = set(pieces)
         for p in pieces:
             s.piece_batch[p] = off

@@ -20,7 +20,8 @@ from ..transport.nixl_agent import NixlTransport, mem_type_of
 from ..transport.side_channel import fetch_handshake
 from .budget import ModelGeometry, check_staging
 from .config import SplitZipConfig
-from .consumer import Consumer, LoadError, check_tp
+from .consumer import Consumer
+from .loads import LoadError, check_tp
 from .contracts import PROTOCOL_VERSION, Handshake, LayerSpec
 from .kv_layout import KVGeometry, KVLayout, PiecePlan, blocks_per_piece
 from .metadata import SplitZipConnectorMetadata, SplitZipHandshakeMetadata, SplitZipWorkerMetadata
