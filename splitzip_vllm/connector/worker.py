@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -33,6 +34,7 @@ from .stats import SplitZipStats
 logger = logging.getLogger("splitzip_vllm.connector")
 
 MIN_FORMAT_VERSION = 1   # oldest wire-format version the codec still decodes
+POLL_EVERY_S = 0.0005    # engine steps closer together than this skip the transport poll
 
 
 def model_fingerprint(vllm_config: Any) -> str:
@@ -86,6 +88,7 @@ class SplitZipWorker:
         self._calibrated_requests = 0
         self._dumped = 0
         self._last_mode: str | None = None
+        self._last_poll = 0.0
 
     # ---- setup --------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -258,12 +261,18 @@ class SplitZipWorker:
 
     # ---- every step -----------------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
+        """Once per engine step. An engine that only holds requests for decode steps every few microseconds;
+        the transport (NIXL notifications, transfer states) is polled at most every ``POLL_EVERY_S``."""
+        now = time.monotonic()
+        poll_transport = now - self._last_poll >= POLL_EVERY_S
+        if poll_transport:
+            self._last_poll = now
         sending: set[str] = set()
         recving: set[str] = set()
         failed: set[str] = set()
         if self.producer is not None:
-            sending = self.producer.poll(finished_req_ids, self.transport.notifications())
-        if self.consumer is not None:
+            sending = self.producer.poll(finished_req_ids, self.transport.notifications() if poll_transport else [])
+        if self.consumer is not None and poll_transport:
             recving, failed = self.consumer.poll()
         return sending, recving, failed
 
