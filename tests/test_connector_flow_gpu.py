@@ -14,9 +14,6 @@ The CPU layout (``[N, H, B, 2*D]``) is covered by tests/test_connector_flow.py.
 """
 from __future__ import annotations
 
-import time
-
-import msgspec
 import pytest
 import torch
 
@@ -24,17 +21,11 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA is not available: the GPU connector flow needs a GPU (the CPU flow is "
                 "tests/test_connector_flow.py)", allow_module_level=True)
 
-from fake_transport import Fabric, FakeTransport  # noqa: E402
+import flow_harness  # noqa: E402
+from fake_transport import Fabric  # noqa: E402
+from flow_harness import remote  # noqa: E402
 from splitzip_vllm.codec import get_backend  # noqa: E402
-from splitzip_vllm.codec.codebook import ExponentHistogram  # noqa: E402
-from splitzip_vllm.connector.consumer import Consumer  # noqa: E402
-from splitzip_vllm.connector.contracts import PROTOCOL_VERSION, Handshake, LayerSpec  # noqa: E402
-from splitzip_vllm.connector.kv_layout import KVGeometry, KVLayout, PiecePlan  # noqa: E402
-from splitzip_vllm.connector.metadata import RecvRequest, RemoteInfo  # noqa: E402
-from splitzip_vllm.connector.peers import PeerBook  # noqa: E402
-from splitzip_vllm.connector.policy import CompressionPolicy  # noqa: E402
-from splitzip_vllm.connector.producer import Producer  # noqa: E402
-from splitzip_vllm.connector.stats import SplitZipStats  # noqa: E402
+from splitzip_vllm.connector.metadata import RecvRequest  # noqa: E402
 
 DEV = torch.device("cuda", torch.cuda.current_device())
 LAYERS, BLOCK, HEAD, HEADS = 3, 16, 128, 4
@@ -70,91 +61,24 @@ def _kv(layout: str, n_blocks: int, heads: int, seed: int) -> dict[str, torch.Te
     return out
 
 
-class Prefill:
-    def __init__(self, fabric, rank, tp, layout, *, backend, n_blocks=32, arena=1 * MiB, compress=True, bpp=1):
-        self.rank, self.tp, self.bpp = rank, tp, bpp
-        kv = _kv(layout, n_blocks, HEADS // tp, seed=100 + rank)
-        self.layout = KVLayout(kv, KVGeometry(BLOCK, HEADS // tp, HEAD))
-        assert self.layout.kind == layout.split("-")[0] and self.layout.device.type == "cuda"
-        self.transport = FakeTransport(fabric, f"prefill{rank}")
-        self.transport.register(self.layout.storages(), "VRAM")
-        hist = ExponentHistogram()
-        for l in self.layout.layers:
-            hist.update(l.tensor)
-        self.stats = SplitZipStats()
-        self.producer = Producer(engine_id="P", tp_rank=rank, layout=self.layout, arena_bytes=arena,
-                                 index_bytes_=MiB, lease_s=30.0, backend=backend,
-                                 policy=CompressionPolicy("always" if compress else "never"), stats=self.stats,
-                                 chunk_log2=12, codebook_source=lambda ids, cb=hist.top(): cb)
-        for a, n, mem in self.producer.registrations():
-            self.transport.register([(a, n)], mem)
-        self.handshake = Handshake(
-            protocol=PROTOCOL_VERSION, format_versions=(1, 2), engine_id="P", tp_rank=rank, tp_size=tp, model="m",
-            model_fingerprint="f", kv_dtype="bfloat16", block_size=BLOCK, total_kv_heads=HEADS, head_size=HEAD,
-            layout=self.layout.kind, piece_order=self.layout.piece_order, element_size=2,
-            layers=[LayerSpec(*l.spec()) for l in self.layout.layers], agent_metadata=self.transport.metadata(),
-            mem_type="VRAM", device_id=DEV.index or 0)
-
-    def publish(self, rid: str, block_ids: list[int]):
-        plan = PiecePlan(LAYERS, HEADS // self.tp, len(block_ids), self.bpp)
-        return self.producer.publish(rid, block_ids, plan)
-
-    def poll(self, finished=()):
-        return self.producer.poll(set(finished), self.transport.notifications())
-
-    def close(self):
-        self.producer.close()
+def _flow(layout: str, backend) -> flow_harness.Flow:
+    return flow_harness.Flow(layers=LAYERS, block=BLOCK, head=HEAD, heads=HEADS,
+                             kv=lambda n_blocks, heads, seed: _kv(layout, n_blocks, heads, seed), mem_type="VRAM",
+                             backend=backend, device_id=DEV.index or 0, prefill_blocks=32, decode_blocks=48,
+                             arena=1 * MiB, recv=1 * MiB, timeout_s=20.0, limit_s=60.0, sync_cuda=True)
 
 
-class Decode:
-    def __init__(self, fabric, rank, tp, layout, prefills, *, backend, n_blocks=48, recv=1 * MiB):
-        self.rank, self.tp = rank, tp
-        self.layout = KVLayout(_kv(layout, n_blocks, HEADS // tp, seed=900 + rank),
-                               KVGeometry(BLOCK, HEADS // tp, HEAD))
-        self.transport = FakeTransport(fabric, f"decode{rank}")
-        self.transport.register(self.layout.storages(), "VRAM")
-        fetch = lambda host, port, r, t: msgspec.msgpack.encode(prefills[r].handshake)  # noqa: E731
-        self.peers = PeerBook(self.transport, lambda info, eid: None, 1.0, fetch)
-        self.stats = SplitZipStats()
-        self.consumer = Consumer(layout=self.layout, transport=self.transport, peers=self.peers, tp_rank=rank,
-                                 tp_size=tp, total_heads=HEADS, recv_bytes=recv, timeout_s=20.0, backend=backend,
-                                 stats=self.stats)
-        for a, n, mem in self.consumer.registrations():
-            self.transport.register([(a, n)], mem)
-        self.before = [l.tensor.clone() for l in self.layout.layers]
-
-    def close(self):
-        self.consumer.close()
-        self.peers.close()
+def Prefill(fabric, rank, tp, layout, *, backend, **options):   # noqa: N802 (stands for the harness class)
+    p = flow_harness.Prefill(_flow(layout, backend), fabric, rank, tp, **options)
+    assert p.layout.kind == layout.split("-")[0] and p.layout.device.type == "cuda"
+    return p
 
 
-def remote(manifests, block_ids, tp, rid="r1", bpp=1):
-    return RemoteInfo(engine_id="P", host="h", port=1, request_id=rid, tp_size=tp, block_ids=block_ids,
-                      manifests=[m.to_dict() for m in manifests], blocks_per_piece=bpp)
+def Decode(fabric, rank, tp, layout, prefills, *, backend, **options):   # noqa: N802
+    return flow_harness.Decode(_flow(layout, backend), fabric, rank, tp, prefills, **options)
 
 
-def run(prefills, decodes, rid_finished=("r1",), limit_s=60.0):
-    """Step every side until each decode reports its load finished; returns {decode rank: (done, failed)}."""
-    out = {}
-    first = True
-    deadline = time.monotonic() + limit_s
-    while len(out) < len(decodes) and time.monotonic() < deadline:
-        for p in prefills:
-            p.poll(rid_finished if first else ())
-        first = False
-        for d in decodes:
-            if d.rank in out:
-                continue
-            done, failed = d.consumer.poll()
-            if done:
-                out[d.rank] = (done, failed)
-        time.sleep(0.001)
-    for _ in range(5):       # deliver the last notices
-        for p in prefills:
-            p.poll()
-        time.sleep(0.002)
-    torch.cuda.synchronize()
-    return out
+run = flow_harness.run
 
 
 def _piece(layer, block, head) -> torch.Tensor:
