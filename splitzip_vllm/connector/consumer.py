@@ -35,7 +35,7 @@ logger = logging.getLogger("splitzip_vllm.connector")
 
 RECV_TICKET_SLOTS = 1 << 12     # raw loads in flight at once
 INDEX_LANDING_BYTES = 8 << 20   # host memory for piece-index READs in flight
-INDEX_WINDOW = 4096             # entries per index READ (64 KiB): pieces become ready roughly in order
+INDEX_WINDOW = 64               # entries per index READ (1 KiB): pieces become ready roughly in order
 
 
 def _align(x: int) -> int:
