@@ -248,3 +248,34 @@ def test_cancel_of_an_inflight_load_reports_it_finished_and_frees_prefill():
     time.sleep(0.2)
     assert prefill.poll() == {"r1"} and prefill.producer.arena_used_bytes == 0
     assert d.consumer.recv_used_bytes == 0
+
+
+def test_many_concurrent_loads_share_a_small_arena_and_buffer():
+    """8 requests in flight through a 4-piece arena and receive buffer: all arrive bitwise, all memory returns."""
+    fabric = Fabric()
+    prefill = Prefill(fabric, 0, 1, n_blocks=64, arena=4 * (64 << 10))
+    d = Decode(fabric, 0, 1, [prefill], n_blocks=64, recv=4 * (64 << 10))
+    jobs = []
+    for i in range(8):
+        blocks = list(range(1 + 7 * i, 8 + 7 * i))
+        m = prefill.publish(f"r{i}", blocks)
+        local = list(range(56 - 7 * i, 63 - 7 * i))
+        jobs.append((blocks, local))
+        d.consumer.start(f"d{i}", RecvRequest(local, 0, remote([m], blocks, 1, rid=f"r{i}")))
+    prefill.poll({f"r{i}" for i in range(8)})
+    done, failed = set(), set()
+    deadline = time.monotonic() + 60
+    while len(done) < 8 and time.monotonic() < deadline:
+        prefill.poll()
+        got, bad = d.consumer.poll()
+        done |= got
+        failed |= bad
+        time.sleep(0.001)
+    for _ in range(20):
+        prefill.poll()
+        time.sleep(0.005)
+    assert done == {f"d{i}" for i in range(8)} and not failed
+    for blocks, local in jobs:
+        assert_heads_equal([prefill], d, blocks, local)
+    assert prefill.stats.data["num_freed"] == 8 and prefill.producer.arena_used_bytes == 0
+    assert d.consumer.recv_used_bytes == 0

@@ -138,8 +138,9 @@ class Consumer:
                     raise LoadError(load.error)
                 self._advance(load)
                 if time.monotonic() - load.progress > self.timeout_s:
+                    # not peer_lost: other loads from the same prefill may be progressing fine
                     raise LoadError(f"KV load made no progress for {self.timeout_s:.0f}s (transfer_timeout; "
-                                    "prefill unreachable or overloaded?)", peer_lost=True)
+                                    "prefill unreachable or overloaded?)")
             except LoadError as e:
                 self._fail(load, str(e), rejected=e.rejected, peer_lost=e.peer_lost)
                 continue
@@ -297,11 +298,9 @@ class Consumer:
         src.reads = keep
 
     def _finish_jobs(self, load: Load, src: Source) -> None:
-        keep = []
-        for fut, ext, pieces in src.jobs:
-            if not fut.done():
-                keep.append((fut, ext, pieces))
-                continue
+        for job in [j for j in src.jobs if j[0].done()]:
+            fut, ext, pieces = job
+            src.jobs.remove(job)       # before anything can raise: _abandon must not free it again
             self._free_recv(ext)
             try:
                 load.decode_s += fut.result()
@@ -313,7 +312,6 @@ class Consumer:
             src.todo.difference_update(pieces)
             self._notify(src, Consumed(request_id=load.req.remote.request_id, pieces=pieces))
             load.progress = time.monotonic()
-        src.jobs = keep
 
     def _decode_pieces(self, load: Load, src: Source, pieces: list[tuple[int, int, int]]) -> float:
         """Codec thread: decode payloads from the receive buffer into the KV cache (or scratch for blocks

@@ -237,14 +237,15 @@ class Producer:
                     return
             try:
                 self._encode_batch(*job)
-            except Exception:  # a failing encode must not kill the thread: the request's lease frees it
+            except Exception:  # a failing encode must not kill the thread: decode times out and recomputes
                 logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
-            with self._cv:
-                s, off = job[0], job[2]
-                if self._sends.get(s.rid) is not s and self._encoding == off:   # dropped while encoding
-                    self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
-                    self.arena_alloc.free(off)
-                self._encoding = None
+                with self._cv:
+                    s, off = job[0], job[2]
+                    if self._encoding == off:
+                        self._encoding = None
+                        for p in s.batches.pop(off, ()):
+                            s.piece_batch.pop(p, None)
+                        self._free_extent(off)
 
     def _next_batch(self):
         """(send, pieces, arena offset, capacity) of the next batch: pieces decode asked for first, round-robin
@@ -286,6 +287,11 @@ class Producer:
         self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
         return s, pieces, off, cap1
 
+    def _free_extent(self, off: int) -> None:
+        self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
+        self.arena_alloc.free(off)
+        self._cv.notify_all()
+
     def piece_capacity(self, bpp: int) -> int:
         """Arena bytes one piece of ``bpp`` blocks may need before its real length is known."""
         return _align(encode_capacity(self.layout.piece_elems * bpp, self.layout.element_size))
@@ -324,8 +330,10 @@ class Producer:
         raw = sum(len(s.plan.blocks(s.plan.coords(p)[2])) for p in pieces) * self.layout.piece_bytes
         self.policy.observe_encode(raw, wire, time.perf_counter() - t0)
         with self._cv:
-            if self._sends.get(s.rid) is not s or off not in s.batches:
-                return  # freed meanwhile (lease, abort): drop() already released the extent
+            self._encoding = None
+            if self._sends.get(s.rid) is not s:
+                self._free_extent(off)   # dropped while being encoded: drop() left this extent to the encoder
+                return
             if pack:
                 before = self.arena_alloc.size_of(off)
                 self.arena_alloc.shrink(off, cursor - off)
