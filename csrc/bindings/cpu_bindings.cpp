@@ -43,8 +43,8 @@ void check_elem_size(const at::Tensor& t, int dtype_code, const char* what, size
 std::vector<uint8_t> codebook_bytes(const py::object& obj, int64_t n_codes) {
   std::vector<uint8_t> cb;
   if (obj.is_none() || n_codes == 0) return cb;
-  if (n_codes < 0 || n_codes > sz::kMaxCodes)
-    value_error("n_codes must be in 0.." + std::to_string(sz::kMaxCodes) + ", got " + std::to_string(n_codes));
+  if (n_codes < 0 || n_codes > sz::kMaxCodebook)
+    value_error("n_codes must be in 0.." + std::to_string(sz::kMaxCodebook) + ", got " + std::to_string(n_codes));
   if (py::isinstance<py::bytes>(obj) || py::isinstance<py::bytearray>(obj)) {
     std::string s = py::isinstance<py::bytes>(obj) ? std::string(py::reinterpret_borrow<py::bytes>(obj))
                                                     : std::string(py::reinterpret_borrow<py::bytearray>(obj));
@@ -66,7 +66,7 @@ std::vector<uint8_t> codebook_bytes(const py::object& obj, int64_t n_codes) {
 }
 
 int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, const py::object& codebook,
-                    int64_t n_codes, int64_t chunk_log2, at::Tensor out, uint64_t tag) {
+                    int64_t n_codes, int64_t chunk_log2, at::Tensor out, uint64_t tag, bool two_level) {
   std::vector<sz::cpu::SrcRegion> src;
   src.reserve(regions.size());
   for (size_t i = 0; i < regions.size(); ++i) {
@@ -82,7 +82,7 @@ int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, 
   try {
     py::gil_scoped_release nogil;
     len = sz::cpu::encode(src.data(), src.size(), int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
-                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag);
+                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag, two_level);
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
   }
@@ -196,9 +196,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SplitZip-KV CPU codec (FORMAT.md v2; decodes v1 too)";
   m.attr("PAYLOAD_ERROR_MARKER") = kPayloadMarker;
   m.def("encode_into", &encode_into, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
-        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0,
-        "Encode the concatenation of `regions` into `out`, bound to transfer `tag` (u64); returns the payload "
-        "length.");
+        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0, py::arg("two_level") = false,
+        "Encode the concatenation of `regions` into `out`, bound to transfer `tag` (u64), EXP2L allowed when "
+        "`two_level`; returns the payload length.");
   m.def("decode_into", &decode_into, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
         py::arg("dtype_code"), py::arg("tag") = 0,
         "Decode the first `payload_len` bytes of `payload` into `regions`; the payload's transfer tag must be "
