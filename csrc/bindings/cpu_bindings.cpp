@@ -134,6 +134,15 @@ py::dict format_constants() {
   d["DEFAULT_CHUNK_LOG2"] = sz::kDefaultChunkLog2;
   d["SECTION_ALIGN"] = sz::kSectionAlign;
   d["LUT_ESCAPE"] = sz::kLutEscape;
+  d["MODE_EXP2L"] = sz::kModeExp2l;
+  d["EXP2L_CODE_BITS"] = sz::kExp2lCodeBits;
+  d["EXP2L_MAX_PRIMARY"] = sz::kExp2lMaxPrimary;
+  d["EXP2L_MAX_SECONDARY"] = sz::kExp2lMaxSecondary;
+  d["EXP2L_MARKER"] = sz::kExp2lMarker;
+  d["EXP2L_SEC_ESCAPE"] = sz::kExp2lSecEscape;
+  d["MAX_CODEBOOK"] = sz::kMaxCodebook;
+  d["EXT_OFF_N_SEC"] = sz::kExtOffNSec;
+  d["EXT_OFF_SEC_BYTES"] = sz::kExtOffSecBytes;
   py::dict sizes;
   py::dict exp4;
   for (int c = 0; c < sz::kNumDtypes; ++c) {
@@ -174,6 +183,12 @@ py::tuple exp4_layout(uint64_t n, int chunk_log2, uint64_t m) {
   return py::make_tuple(l.n_chunks, l.off_codes, l.off_counts, l.off_pos, l.off_exp, l.body_bytes);
 }
 
+py::tuple exp2l_layout(uint64_t n, int chunk_log2, uint64_t m, uint64_t sec_bytes) {
+  const sz::Exp2lLayout l = sz::Exp2lLayout::compute(n, chunk_log2, m, sec_bytes);
+  return py::make_tuple(l.n_chunks, l.off_codes, l.off_scounts, l.off_sec, l.off_counts, l.off_pos, l.off_exp,
+                        l.body_bytes);
+}
+
 // format.h validate_header (tests: agreement with format.py). `header` holds the payload's first
 // min(available, 96) bytes or at least its header (zero-padded to 96 here); use_table: the CRC through the 256-entry table of the CUDA kernels. Returns the SzStatus.
 int validate_header_status(py::bytes header, uint64_t available, uint64_t tag, bool use_table) {
@@ -209,6 +224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("checksum_a"), py::arg("checksum_b"), py::arg("tag") = 0, py::arg("version") = sz::kVersion,
         "format.h pack_header (tests): 96 bytes, or 64 for version 1.");
   m.def("exp4_layout", &exp4_layout, "format.h Exp4Layout::compute -> (n_chunks, off_codes, off_counts, off_pos, off_exp, body_bytes).");
+  m.def("exp2l_layout", &exp2l_layout, "format.h Exp2lLayout::compute -> (n_chunks, off_codes, off_scounts, "
+        "off_sec, off_counts, off_pos, off_exp, body_bytes).");
   m.def("crc32", &crc32_bytes, "format.h crc32 (tests).");
   m.def("validate_header", &validate_header_status, py::arg("header"), py::arg("available"), py::arg("tag") = 0,
         py::arg("use_table") = false, "format.h validate_header (tests): the SzStatus of a header.");

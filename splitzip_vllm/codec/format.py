@@ -341,6 +341,11 @@ class Header:
         return _HEADER.pack(*fields)
 
 
+def mode_unsupported_message(backend: str) -> str:
+    """Why a backend without EXP2L refuses an EXP2L payload (its encoder never writes one, FORMAT.md §5)."""
+    return status_message(Status.MODE_UNSUPPORTED, backend=backend)
+
+
 def tag_mismatch_message(version: int, tag: int, expected: int) -> str:
     """Why a payload of transfer ``tag`` (format ``version``) is refused where ``expected`` is (FORMAT.md §6a)."""
     return status_message(Status.TAG_V1 if version == VERSION_V1 else Status.TAG, tag_hex=f"0x{tag:016x}",
