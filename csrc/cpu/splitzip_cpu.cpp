@@ -477,6 +477,7 @@ struct Scratch {
   std::vector<uint8_t> all_exp;   // escape exponents of the whole payload (encode)
   std::vector<uint16_t> all_pos;  // escape positions of the whole payload (EXP2L encode)
   std::vector<uint16_t> esc_counts;  // escapes per chunk (EXP2L encode)
+  std::vector<uint16_t> sec_counts;  // markers per chunk (EXP2L encode)
   std::vector<uint8_t> sec;       // one chunk's secondary codes, one per byte (+128 slack for vector loads)
 };
 
