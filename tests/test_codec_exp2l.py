@@ -72,7 +72,7 @@ def spec_lengths(x: torch.Tensor, cb: Codebook, cl2: int) -> dict[str, int]:
             cnt[i // c] += 1
             m2 += v not in sec
     sec_bytes = sum((k + 1) // 2 for k in cnt)
-    o = _a16(_a16(_a16(_a16(n) + 3 * ((n + 7) // 8)) + 2 * n_chunks) + sec_bytes)
+    o = _a16(_a16(_a16(_a16(n) + 24 * ((n + 63) // 64)) + 2 * n_chunks) + sec_bytes)
     b2 = _a16(_a16(o + 2 * n_chunks) + 2 * m2) + m2
     return {"raw": 2 * n, "exp4": b4, "exp2l": b2 if cb.two_level else 1 << 62}
 
@@ -293,14 +293,11 @@ def test_marker_count_mismatch(spec):
     sc2[i + 1] -= 2
     expect(spec, _patch(GOOD, _off("scounts"), struct.pack(f"<{len(sc2)}H", *sc2)),
            f"the marker codes of chunk {i} do not match its count")
-    # a primary code of chunk 0 turned into a marker
-    pcode = [(int.from_bytes(GOOD[_off("codes") + 3 * g:_off("codes") + 3 * g + 3], "little") >> (3 * j)) & 7
-             for g in range(32) for j in range(8)]
-    k = pcode.index(0)
-    g, j = divmod(k, 8)
-    v = int.from_bytes(GOOD[_off("codes") + 3 * g:_off("codes") + 3 * g + 3], "little") | (7 << (3 * j))
-    expect(spec, _patch(GOOD, _off("codes") + 3 * g, v.to_bytes(3, "little")),
-           "the marker codes of chunk 0 do not match its count")
+    # a primary code 0 of chunk 0 (block 0) turned into a marker: its bit in all three planes set
+    planes = [struct.unpack_from("<Q", GOOD, _off("codes") + 8 * k)[0] for k in range(3)]
+    j = next(j for j in range(64) if not any((pl >> j) & 1 for pl in planes))
+    bumped = struct.pack("<3Q", *(pl | (1 << j) for pl in planes))
+    expect(spec, _patch(GOOD, _off("codes"), bumped), "the marker codes of chunk 0 do not match its count")
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -328,11 +325,10 @@ def test_checksum_detects(spec, section):
     flip = 0x01
     if section == "sec":  # a secondary code that is not the escape code (an escape's code is overridden)
         o = next(k for k in range(_off("sec"), _off("sec") + LAY.sec_bytes) if GOOD[k] & 15 != 15)
-    if section == "codes":  # primary code 1 <-> 0 keeps the marker count
-        pcode0 = GOOD[o] & 7
-        flip = 1 if pcode0 in (0, 1) else 0
-        if not flip:
-            pytest.skip("first code is not 0/1")
+    if section == "codes":  # bit 0 (plane 0) of a code that is not a marker: the marker count stays
+        planes = [struct.unpack_from("<Q", GOOD, _off("codes") + 8 * k)[0] for k in range(3)]
+        j = next(j for j in range(64) if not all((pl >> j) & 1 for pl in planes) and ((planes[1] >> j) & 1) == 0)
+        o, flip = _off("codes") + j // 8, 1 << (j % 8)
     expect(spec, _patch(GOOD, o, bytes([GOOD[o] ^ flip])), "checksum mismatch")
 
 

@@ -272,7 +272,7 @@ class Exp2lLayout:
         c = 1 << chunk_log2
         n_chunks = (n + c - 1) // c
         off_codes = align16(n)
-        off_scounts = align16(off_codes + 3 * ((n + 7) // 8))
+        off_scounts = align16(off_codes + 24 * ((n + 63) // 64))
         off_sec = align16(off_scounts + 2 * n_chunks)
         off_counts = align16(off_sec + sec_bytes)
         off_pos = align16(off_counts + 2 * n_chunks)

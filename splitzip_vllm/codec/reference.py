@@ -123,7 +123,7 @@ class _Exp2lPlan:
         dev = e.device
         body = torch.zeros(lay.body_bytes, dtype=torch.uint8, device=dev)
         body[:n] = sm
-        body[lay.off_codes:lay.off_codes + 3 * ((n + 7) // 8)] = _pack3(self.pcode)
+        body[lay.off_codes:lay.off_codes + 24 * ((n + 63) // 64)] = _pack_planes(self.pcode)
         body[lay.off_scounts:lay.off_scounts + 2 * lay.n_chunks] = _u16_bytes(self.cnt)
         byte_idx, shift = _sec_nibbles(self.mark_idx, self.cnt, self.chunk_log2)
         sec = torch.zeros(lay.sec_bytes, dtype=torch.int64, device=dev)
@@ -146,17 +146,19 @@ def _sec_nibbles(mark_idx: torch.Tensor, cnt: torch.Tensor, chunk_log2: int) -> 
     return start[chunk] + (rank >> 1), (rank & 1) * 4
 
 
-def _pack3(code: torch.Tensor) -> torch.Tensor:
-    pad = (-code.numel()) % 8
-    c = torch.cat([code, code.new_zeros(pad)]).to(torch.int64).view(-1, 8)
-    v = (c << (3 * torch.arange(8, device=c.device))).sum(1)
-    return torch.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], 1).reshape(-1).to(torch.uint8)
+def _pack_planes(code: torch.Tensor) -> torch.Tensor:
+    """3-bit codes -> per 64-element block three u64 bit planes (FORMAT.md §3a)."""
+    pad = (-code.numel()) % 64
+    c = torch.cat([code, code.new_zeros(pad)]).to(torch.int64).view(-1, 1, 8, 8)       # block, -, byte, bit
+    bits = (c >> torch.arange(3, device=c.device).view(1, 3, 1, 1)) & 1               # block, plane, byte, bit
+    return (bits << torch.arange(8, device=c.device)).sum(-1).reshape(-1).to(torch.uint8)
 
 
-def _unpack3(b: torch.Tensor, n: int) -> torch.Tensor:
-    g = b.to(torch.int64).view(-1, 3)
-    v = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
-    return ((v[:, None] >> (3 * torch.arange(8, device=b.device))) & 7).reshape(-1)[:n]
+def _unpack_planes(b: torch.Tensor, n: int) -> torch.Tensor:
+    planes = b.to(torch.int64).view(-1, 3, 8, 1)                                       # block, plane, byte, -
+    bits = (planes >> torch.arange(8, device=b.device)) & 1                           # block, plane, byte, bit
+    code = (bits << torch.arange(3, device=b.device).view(1, 3, 1, 1)).sum(1)         # block, byte, bit
+    return code.reshape(-1)[:n]
 
 
 def _write_escapes(body: torch.Tensor, lay, esc_idx: torch.Tensor, e: torch.Tensor, chunk_log2: int) -> None:
@@ -244,7 +246,7 @@ def _decode_exp2l(hdr: Header, body: torch.Tensor) -> torch.Tensor:
     if int(((cnt + 1) // 2).sum()) != lay.sec_bytes:
         raise PayloadError.of(Status.SEC_BYTES, aux=int(((cnt + 1) // 2).sum()), sec_bytes=lay.sec_bytes)
     counts = _escape_counts(body, lay, m, chunk_len)
-    pcode = _unpack3(body[lay.off_codes:lay.off_codes + 3 * ((n + 7) // 8)], n)
+    pcode = _unpack_planes(body[lay.off_codes:lay.off_codes + 24 * ((n + 63) // 64)], n)
     mark_idx = torch.nonzero(pcode == EXP2L_MARKER).reshape(-1)
     chunk_of = torch.repeat_interleave(torch.arange(lay.n_chunks, device=dev), counts)
     pos = _u16_from(body[lay.off_pos:lay.off_pos + 2 * m]).to(torch.int64)

@@ -378,7 +378,7 @@ struct Exp2lLayout {
     const uint64_t c = uint64_t(1) << chunk_log2;
     l.n_chunks = (n + c - 1) >> chunk_log2;
     l.off_codes = align16(n);
-    l.off_scounts = align16(l.off_codes + 3 * ((n + 7) / 8));
+    l.off_scounts = align16(l.off_codes + 24 * ((n + 63) / 64));
     l.off_sec = align16(l.off_scounts + 2 * l.n_chunks);
     l.off_counts = align16(l.off_sec + sec_bytes);
     l.off_pos = align16(l.off_counts + 2 * l.n_chunks);
@@ -434,7 +434,7 @@ SZ_HD u128 exp2l_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m, uint64_
   const u128 c = u128(1) << chunk_log2;
   const u128 n_chunks = (u128(n) + c - 1) >> chunk_log2;
   const u128 off_codes = align16_wide(n);
-  const u128 off_scounts = align16_wide(off_codes + 3 * ((u128(n) + 7) / 8));
+  const u128 off_scounts = align16_wide(off_codes + 24 * ((u128(n) + 63) / 64));
   const u128 off_sec = align16_wide(off_scounts + 2 * n_chunks);
   const u128 off_counts = align16_wide(off_sec + sec_bytes);
   const u128 off_pos = align16_wide(off_counts + 2 * n_chunks);
