@@ -58,6 +58,11 @@ enum SzStatus {
   SZ_NUM_STATUS = 35
 };
 
+// The EXP2L statuses that validate_header reports (FORMAT.md §6 steps 1-3; the others are decode checks).
+SZ_HD bool is_exp2l_header_status(int s) {
+  return s == SZ_ERR_EXP2L_VERSION || s == SZ_ERR_SEC_N_CODES || s == SZ_ERR_SEC_BYTES_GT_N;
+}
+
 namespace splitzip {
 
 // ---- constants (FORMAT.md §1-§5) ---------------------------------------------------------------------------
