@@ -43,7 +43,7 @@ def _extensions():
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             depends=[_rel("csrc", "include", "splitzip", "format.h"),
-                     _rel("csrc", "cpu", "splitzip_cpu.h")],
+                     _rel("csrc", "cpu", "splitzip_cpu.h"), _rel("csrc", "cpu", "exp2l_cpu.inc")],
         )
     ]
     cuda_sources = [_rel("csrc", "cuda", "splitzip_cuda.cu"), _rel("csrc", "bindings", "cuda_bindings.cpp")]

@@ -203,6 +203,8 @@ def run(args) -> dict:
                     if b == "reference" and size > args.reference_max:
                         continue
                     plan.append((dev, ds, size, b))
+                    if b == "cpu" and args.exp4:  # the EXP4-only codec beside it (the v1 format's ceiling)
+                        plan.append((dev, ds, size, "cpu:exp4"))
                 for b in base_names:
                     plan.append((dev, ds, size, b))
 
@@ -228,15 +230,17 @@ def run(args) -> dict:
         if meth in ("memcpy", "zstd", "zipnn"):
             m = baseline_methods([meth], threads=args.threads)[0]
         else:
-            m = SplitZipMethod(meth, cb, args.chunk_log2)
+            backend, _, variant = meth.partition(":")
+            m = SplitZipMethod(backend, cb, args.chunk_log2, exp4_only=variant == "exp4")
         # pass 1: ratio + bitwise check over all pieces
         m.setup(all_pieces)
         verified = m.verify()
         raw, comp = m.raw_bytes, m.compressed_bytes()
         extra = {}
         if isinstance(m, SplitZipMethod):
-            extra = {"escapes": m.escapes, "raw_payloads": m.raw_payloads}
-            key = (ds_name, size)  # across devices too: every backend writes the same bytes
+            extra = {"escapes": m.escapes, "raw_payloads": m.raw_payloads,
+                     "modes": {str(k): v for k, v in sorted(m.modes.items())}}
+            key = (ds_name, size, variant)  # across devices too: every backend writes the same bytes
             pl = [hashlib.sha256(b).digest() for b in m.payload_bytes()]
             if key in ref_payloads:
                 n_cmp = min(len(pl), len(ref_payloads[key][1]))
@@ -283,7 +287,7 @@ def print_table(res: dict) -> str:
             lines.append(f"== {ds} on {dev}: {info['description']}")
             lines.append(f"   codebook coverage: calib {100 * info['calib_coverage']:.4f} %, eval "
                          f"{100 * info['eval_coverage']:.4f} %; exponent entropy {info['entropy_bits']:.3f} bits "
-                         f"-> entropy-bound ratio {info['entropy_bound_ratio']:.4f} (format ceiling 1.3333)")
+                         f"-> entropy-bound ratio {info['entropy_bound_ratio']:.4f} (EXP4 ceiling 1.3333)")
             lines.append(f"   {'size':>9} {'pieces':>7}  {'method':<20} {'ratio':>7} {'enc GB/s':>9} "
                          f"{'dec GB/s':>9}  ok")
             last = None
@@ -402,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["memcpy", "zstd", "zipnn"])
     ap.add_argument("--repeat", type=int, help="timed runs per figure, median reported (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--no-exp4", dest="exp4", action="store_false",
+                    help="skip the EXP4-only run of the cpu backend (shown beside the default EXP2L/EXP4 choice)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch and ZipNN (default 1)")
     ap.add_argument("--chunk-log2", type=int, default=12)
     ap.add_argument("--batch-bytes", type=parse_size, default=2 * MiB,

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .codec import Codebook, encode_capacity, get_backend, parse_header
-from .codec.format import HEADER_BYTES, MODE_EXP4, dtype_code
+from .codec.format import HEADER_BYTES, MODE_RAW, dtype_code
 
 
 class CliError(Exception):
@@ -193,8 +193,10 @@ class SplitZipMethod(Method):
     """A SplitZip codec backend, called at the backend level with preallocated buffers (the connector's hot
     path; the public :func:`encode` adds an allocation and a 96-byte header read per call)."""
 
-    def __init__(self, backend: str, codebook: Codebook | None, chunk_log2: int = 12):
-        super().__init__(name=f"splitzip-{backend}", kind="splitzip")
+    def __init__(self, backend: str, codebook: Codebook | None, chunk_log2: int = 12, exp4_only: bool = False):
+        if exp4_only and codebook is not None:
+            codebook = codebook.exp4()   # EXP4/RAW only: the v1 codec, for comparison (FORMAT.md §5)
+        super().__init__(name=f"splitzip-{backend}" + ("-exp4" if exp4_only else ""), kind="splitzip")
         self.backend_name = backend
         self.codebook = codebook
         self.chunk_log2 = chunk_log2
@@ -228,7 +230,15 @@ class SplitZipMethod(Method):
 
     @property
     def raw_payloads(self) -> int:
-        return sum(h.mode != MODE_EXP4 for h in self.headers)
+        return sum(h.mode == MODE_RAW for h in self.headers)
+
+    @property
+    def modes(self) -> dict[int, int]:
+        """Payload count per mode (0 RAW, 1 EXP4, 2 EXP2L)."""
+        out: dict[int, int] = {}
+        for h in self.headers:
+            out[h.mode] = out.get(h.mode, 0) + 1
+        return out
 
     def payload_bytes(self) -> list[bytes]:
         return [p.cpu().numpy().tobytes() for p in self.payloads]

@@ -83,8 +83,11 @@ def _codebook_stats(h, cb, chunk_log2: int) -> dict:
     from .benchutil import entropy_bound_ratio
     cov = h.coverage(cb)
     ent = h.entropy_bits()
+    per_mode = {m: h.expected_ratio_mode(cb, m, chunk_log2) for m in ("raw", "exp4", "exp2l")}
     return {"coverage": cov, "expected_ratio": h.expected_ratio(cb, chunk_log2), "entropy_bits": ent,
-            "entropy_bound_ratio": entropy_bound_ratio(ent), "samples": h.total}
+            "entropy_bound_ratio": entropy_bound_ratio(ent), "samples": h.total,
+            "expected_ratio_exp4": per_mode["exp4"], "expected_ratio_exp2l": per_mode["exp2l"],
+            "coverage_exp4": h.coverage(cb.exp4())}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ def _codebook_stats(h, cb, chunk_log2: int) -> dict:
 
 def cmd_calibrate(args) -> int:
     from .benchutil import CliError, load_bf16_tensors
-    from .codec.format import MAX_CODES
+    from .codec.format import MAX_CODEBOOK
     if args.model:
         if args.files:
             raise CliError("give either FILES or --model, not both")
@@ -117,17 +120,20 @@ def cmd_calibrate(args) -> int:
             raise CliError("vLLM produced no KV dumps (see its log above)")
     if not args.files:
         raise CliError("calibrate needs input FILES (or --model)")
-    if not 1 <= args.top <= MAX_CODES:
-        raise CliError(f"--top must be in 1..{MAX_CODES}, got {args.top}")
+    if not 1 <= args.top <= MAX_CODEBOOK:
+        raise CliError(f"--top must be in 1..{MAX_CODEBOOK}, got {args.top}")
     out = Path(args.output)
     if not out.parent.is_dir():
         raise CliError(f"output folder {out.parent} does not exist")
     tensors = load_bf16_tensors(args.files, warn=_warn)
     h = _histogram(tensors, "calibrate")
     cb = h.top(args.top)
+    if args.exp4_only:
+        cb = cb.exp4()
     st = _codebook_stats(h, cb, args.chunk_log2)
     try:
         cb.save(out, coverage=st["coverage"], expected_ratio=st["expected_ratio"],
+                expected_ratio_exp4=st["expected_ratio_exp4"], expected_ratio_exp2l=st["expected_ratio_exp2l"],
                 entropy_bits=st["entropy_bits"], samples=st["samples"], chunk_log2=args.chunk_log2,
                 sources=[Path(f).name for f in args.files])
     except OSError as e:
@@ -139,7 +145,10 @@ def cmd_calibrate(args) -> int:
     print(f"exponent entropy:   {st['entropy_bits']:.4f} bits/value  (entropy-bound ratio "
           f"{st['entropy_bound_ratio']:.4f})")
     print(f"expected ratio:     {st['expected_ratio']:.4f}  (all values in one payload, chunk_log2="
-          f"{args.chunk_log2}; format ceiling 1.3333)")
+          f"{args.chunk_log2}; modes {', '.join(cb.modes)})")
+    print(f"  per mode:         EXP4 {st['expected_ratio_exp4']:.4f} (top-16 coverage {_pct(st['coverage_exp4'])}, "
+          f"ceiling 1.3333)   EXP2L {st['expected_ratio_exp2l']:.4f}"
+          + ("" if cb.two_level else " (disabled: --exp4-only)"))
     print(f"wrote {out}")
     return 0
 
@@ -169,12 +178,15 @@ def _load_codebook(spec: str, tensors, preloaded=None):
     return preloaded if preloaded is not None else _read_codebook(spec), spec, h
 
 
+_MODE_NAMES = {0: "RAW", 1: "EXP4", 2: "EXP2L"}
+
+
 def cmd_roundtrip(args) -> int:
     import torch
 
     from .benchutil import entropy_bound_ratio, load_bf16_tensors
     from .codec import PayloadError, decode, encode, get_backend, parse_header
-    from .codec.format import HEADER_BYTES, MODE_EXP4
+    from .codec.format import HEADER_BYTES
 
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
     device = _resolve_device(args.device)
@@ -211,7 +223,7 @@ def cmd_roundtrip(args) -> int:
         raw = x.numel() * 2
         row = {"name": name, "shape": list(t.shape), "elements": x.numel(), "raw_bytes": raw,
                "compressed_bytes": hdr.payload_bytes, "ratio": raw / hdr.payload_bytes,
-               "mode": "EXP4" if hdr.mode == MODE_EXP4 else "RAW", "escapes": hdr.n_escapes,
+               "mode": _MODE_NAMES.get(hdr.mode, str(hdr.mode)), "escapes": hdr.n_escapes,
                "escape_rate": hdr.n_escapes / x.numel(), "bitwise": ok}
         if error:
             row["error"] = error
@@ -227,6 +239,7 @@ def cmd_roundtrip(args) -> int:
         "raw_bytes": raw_total, "compressed_bytes": comp_total, "elements": n_total, "escapes": esc_total,
         "escape_rate": esc_total / n_total, "tensors": len(rows),
         "raw_payloads": sum(r["mode"] == "RAW" for r in rows), "chunk_log2": args.chunk_log2,
+        "modes": {m: sum(r["mode"] == m for r in rows) for m in dict.fromkeys(r["mode"] for r in rows)},
         "codebook": args.codebook, "exponents": list(cb.exponents) if cb else [],
         "coverage": h.coverage(cb) if cb else 0.0, "entropy_bits": ent,
         "entropy_bound_ratio": entropy_bound_ratio(ent), "encode_gbps": raw_total / enc_s / 1e9 if enc_s else None,
@@ -235,7 +248,7 @@ def cmd_roundtrip(args) -> int:
     if args.verbose or args.json:
         width = max(len(r["name"]) for r in rows)
         for r in rows:
-            say(f"  {r['name']:<{width}}  {r['mode']:<4} {_nbytes(r['raw_bytes']):>11} -> "
+            say(f"  {r['name']:<{width}}  {r['mode']:<5} {_nbytes(r['raw_bytes']):>11} -> "
                 f"{_nbytes(r['compressed_bytes']):>11}  ratio {r['ratio']:.4f}  escapes {r['escapes']:>8,} "
                 f"({_pct(r['escape_rate'])})  {'ok' if r['bitwise'] else 'MISMATCH ' + r.get('error', '')}")
     say(f"backend {backend} on {device}; codebook {cb_desc}"
@@ -312,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a top-K exponent codebook (FORMAT.md §7) from bfloat16 KV tensors.")
     c.add_argument("files", nargs="*", metavar="FILES", help=".safetensors / .pt files with bfloat16 tensors")
     c.add_argument("-o", "--output", required=True, help="codebook JSON file to write")
-    c.add_argument("--top", type=int, default=16, help="codebook size, 1..16 (default 16)")
+    c.add_argument("--top", type=int, default=22,
+                   help="codebook size, 1..22 (default 22: EXP4 uses the first 16, EXP2L 7 primary + 15 secondary)")
+    c.add_argument("--exp4-only", action="store_true",
+                   help="write a codebook that restricts encoders to EXP4/RAW (at most 16 exponents, no EXP2L)")
     c.add_argument("--chunk-log2", **chunk)
     c.add_argument("--model", help="calibrate from a model run by vLLM (its real paged KV) instead of files")
     c.add_argument("--prompts", help="with --model: text file of prompts separated by blank lines "

@@ -131,11 +131,12 @@ def random_bits(n: int, seed: int = 0, dtype: torch.dtype = BF16) -> torch.Tenso
     return raw.view(dtype)
 
 
-def top_codebook(t: torch.Tensor, k: int = 16) -> Codebook:
+def top_codebook(t: torch.Tensor, k: int = 16, two_level: bool = False) -> Codebook:
+    """Top-``k`` exponents of ``t``; EXP4/RAW only unless ``two_level`` (the EXP2L tests ask for it)."""
     counts = torch.bincount(exponents(t), minlength=256)
     order = sorted(range(256), key=lambda e: (-int(counts[e]), e))
     chosen = [e for e in order[:k] if counts[e] > 0] or [order[0]]
-    return Codebook(tuple(chosen))
+    return Codebook(tuple(chosen), two_level=two_level)
 
 
 def count_escapes(t: torch.Tensor, cb: Codebook) -> int:

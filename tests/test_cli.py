@@ -78,23 +78,35 @@ def test_version_and_help():
 def test_calibrate_writes_valid_codebook(codebook_file):
     from splitzip_vllm.codec import Codebook
     obj = json.loads(codebook_file.read_text())
-    assert obj["format"] == "splitzip-codebook" and obj["version"] == 1 and obj["dtype"] == "bfloat16"
-    for key in ("coverage", "expected_ratio", "entropy_bits", "samples"):
+    assert obj["format"] == "splitzip-codebook" and obj["version"] == 2 and obj["dtype"] == "bfloat16"
+    assert obj["modes"] == ["exp4", "exp2l"]
+    for key in ("coverage", "expected_ratio", "expected_ratio_exp4", "expected_ratio_exp2l", "entropy_bits",
+                "samples"):
         assert key in obj, key
     assert obj["samples"] == 4 * 512 * 8 * 64
     assert 0.99 < obj["coverage"] <= 1.0
-    assert 1.2 < obj["expected_ratio"] <= 2 / 1.5
+    assert 1.2 < obj["expected_ratio_exp4"] <= 2 / 1.5
+    assert obj["expected_ratio"] == max(obj["expected_ratio_exp4"], obj["expected_ratio_exp2l"])
     assert 0 < obj["entropy_bits"] < 8
     cb = Codebook.load(codebook_file)
-    assert cb.n_codes == 16 and list(cb.exponents) == obj["exponents"]
+    assert 16 <= cb.n_codes <= 22 and list(cb.exponents) == obj["exponents"] and cb.two_level
 
 
 def test_calibrate_top_k(files, tmp_path):
     path = tmp_path / "cb8.json"
     cli("calibrate", files["calib"], "-o", path, "--top", "8", check=True)
     assert len(json.loads(path.read_text())["exponents"]) == 8
-    p = cli("calibrate", files["calib"], "-o", path, "--top", "17")
+    p = cli("calibrate", files["calib"], "-o", path, "--top", "23")
     assert p.returncode != 0 and "--top" in p.stderr
+
+
+def test_calibrate_exp4_only(files, tmp_path):
+    from splitzip_vllm.codec import Codebook
+    path = tmp_path / "cb4.json"
+    p = cli("calibrate", files["calib"], "-o", path, "--exp4-only", check=True)
+    obj = json.loads(path.read_text())
+    assert obj["modes"] == ["exp4"] and len(obj["exponents"]) <= 16 and "EXP2L" in p.stdout
+    assert not Codebook.load(path).two_level
 
 
 def test_roundtrip_json_with_codebook_file(files, codebook_file):
@@ -171,7 +183,7 @@ def test_missing_file(tmp_path):
     ('{"format": "splitzip-codebook", "version": 7, "exponents": [126]}', "version"),
     ('{"format": "splitzip-codebook", "version": 1, "exponents": [126, 126]}', "distinct"),
     ('{"format": "splitzip-codebook", "version": 1, "exponents": [300]}', "0..255"),
-    ('{"format": "splitzip-codebook", "version": 1, "exponents": []}', "1..16"),
+    ('{"format": "splitzip-codebook", "version": 1, "exponents": []}', "1..22"),
 ])
 def test_corrupted_codebook_file(files, tmp_path, content, words):
     bad = tmp_path / "bad.json"

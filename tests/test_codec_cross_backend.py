@@ -46,7 +46,7 @@ def _case(name: str):
         return blocks, top_codebook(torch.cat(blocks)), 12
     if name == "fp16_raw":
         x = torch.randn(3333, generator=torch.Generator().manual_seed(9)).half()
-        return [x], Codebook((15,)), 12
+        return [x], Codebook((15,), two_level=False), 12
     if name == "fp32_raw":
         x = torch.randn(1234, generator=torch.Generator().manual_seed(10))
         return [x], None, 12
@@ -170,7 +170,7 @@ if st is not None:
     def test_property_matches_reference(spec, device, layout):
         sizes, seed, scale, rate, k, cl2 = layout
         full = realistic_bf16(sum(sizes), seed=seed, scale=scale, outlier_rate=rate)
-        cb = top_codebook(full, k) if full.numel() else Codebook((127,))
+        cb = top_codebook(full, k) if full.numel() else Codebook((127,), two_level=False)
         regions = list(torch.split(full, sizes))
         got = encode_with(spec, device, regions, cb, cl2)
         ref = encode(full, cb, chunk_log2=cl2, backend="reference")

@@ -29,7 +29,7 @@ if not CudaBackend.is_available():
 
 DEV = torch.device("cuda")
 BF16 = 1
-BOOK = Codebook((122, 121, 123, 120, 124, 119, 125, 118, 117, 126, 116, 115, 127, 114, 113, 112))
+BOOK = Codebook((122, 121, 123, 120, 124, 119, 125, 118, 117, 126, 116, 115, 127, 114, 113, 112), two_level=False)
 BE = CudaBackend()
 kv_like = functools.partial(channel_kv_bf16, device=DEV)
 
@@ -62,7 +62,7 @@ def test_all_bf16_patterns(chunk_log2):
     x = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     x = x[torch.randperm(65536, generator=torch.Generator().manual_seed(chunk_log2))].view(torch.bfloat16)
     check_roundtrip([x.to(DEV)], BOOK, chunk_log2)
-    check_roundtrip([x.to(DEV)], Codebook((0, 255, 127, 126)), chunk_log2)
+    check_roundtrip([x.to(DEV)], Codebook((0, 255, 127, 126), two_level=False), chunk_log2)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 15, 16, 17, 255, 256, 257, 2047, 2048, 2049, 4095, 4097, 8191,

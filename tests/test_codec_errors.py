@@ -107,7 +107,8 @@ HEADER_CASES = {
     "crc_checksum_bits": (bytes(with_fields(EXP4, seal=False, checksum_b=1)), "header CRC"),
     "dtype_unknown": (with_fields(EXP4, dtype=9), "unknown dtype code 9"),
     "reserved": (with_fields(EXP4, reserved=1), "non-zero reserved"),
-    "mode": (with_fields(EXP4, mode=2), "unknown payload mode 2"),
+    "mode": (with_fields(EXP4, mode=3), "unknown payload mode 3"),
+    "mode_exp2l_fields": (with_fields(EXP4, mode=2), "unsupported code width 4 bits"),
     "ext_first": (with_fields(EXP4, ext=b"\x01" + bytes(23)), "non-zero ext field"),
     "ext_last": (with_fields(RAW, ext=bytes(23) + b"\x80"), "non-zero ext field"),
     "crc_ext": (bytes(with_fields(EXP4, seal=False, ext=bytes(23) + b"\x80")), "header CRC"),  # CRC covers 96 bytes

@@ -50,9 +50,9 @@ def with_filler(patterns: torch.Tensor, cb: Codebook, n_filler: int, seed: int =
 # all 65,536 bit patterns
 # ---------------------------------------------------------------------------------------------------------------
 CODEBOOKS = {
-    "full16": Codebook((127, 126, 125, 128, 124, 0, 255, 123, 129, 122, 121, 130, 120, 1, 254, 119)),
-    "five": Codebook((0, 255, 127, 126, 1)),
-    "one": Codebook((126,)),
+    "full16": Codebook((127, 126, 125, 128, 124, 0, 255, 123, 129, 122, 121, 130, 120, 1, 254, 119), two_level=False),
+    "five": Codebook((0, 255, 127, 126, 1), two_level=False),
+    "one": Codebook((126,), two_level=False),
 }
 
 
@@ -97,7 +97,7 @@ SIZES = [0, 1, 2, 3, 31, 64, 100, 255, 256, 257, 1000, 4095, 4096, 4097, 12305, 
 def test_sizes(spec, device, chunk_log2):
     for n in SIZES:
         x = realistic_bf16(n, seed=n, outlier_rate=0.01)
-        cb = top_codebook(x) if n else Codebook((127,))
+        cb = top_codebook(x) if n else Codebook((127,), two_level=False)
         payload, y = roundtrip(spec, device, x, cb, chunk_log2=chunk_log2)
         exp_len, exp_mode = expected_payload_len(x, cb, chunk_log2)
         assert payload.numel() == exp_len, n
@@ -131,7 +131,7 @@ def test_escape_threshold_exact(spec, device):
     """EXP4 exactly while body < raw bytes; one more escape flips the payload to RAW (FORMAT.md §5.1)."""
     n, cl2 = 4096, 12
     m_max = max(m for m in range(n) if Exp4Layout.compute(n, cl2, m).body_bytes < 2 * n)
-    cb = Codebook((127,))
+    cb = Codebook((127,), two_level=False)
     base = torch.full((n,), 1.5, dtype=BF16)  # exponent 127
     for m, mode in ((m_max, MODE_EXP4), (m_max + 1, MODE_RAW)):
         x = base.clone()
@@ -149,7 +149,7 @@ def test_all_escape_is_raw(spec, device):
     x = realistic_bf16(20000, seed=5)
     present = set(torch.unique(bits(x).to(torch.int32) >> 7 & 0xFF).tolist())
     absent = [e for e in range(256) if e not in present][:16]
-    cb = Codebook(tuple(absent))
+    cb = Codebook(tuple(absent), two_level=False)
     assert count_escapes(x, cb) == x.numel()
     payload, y = roundtrip(spec, device, x, cb)
     assert mode_of(payload) == MODE_RAW
@@ -234,7 +234,7 @@ def test_other_dtypes_are_raw(spec, device, dtype):
     n = 3001
     size = torch.empty(0, dtype=dtype).element_size()
     x = torch.randint(0, 256, (n * size,), generator=g, dtype=torch.int32).to(torch.uint8).view(dtype)
-    for cb in (None, Codebook((127, 126, 0))):
+    for cb in (None, Codebook((127, 126, 0), two_level=False)):
         payload, y = roundtrip(spec, device, x, cb)
         assert mode_of(payload) == MODE_RAW
         assert payload.numel() == HEADER_BYTES + n * size

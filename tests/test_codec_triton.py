@@ -32,8 +32,8 @@ from splitzip_vllm.codec.format import (HEADER_BYTES, MODE_EXP4, MODE_RAW, Exp4L
                                         parse_header)
 
 BF16 = torch.bfloat16
-FULL16 = Codebook(tuple(range(112, 128)))
-FIVE = Codebook((0, 255, 127, 126, 1))
+FULL16 = Codebook(tuple(range(112, 128)), two_level=False)
+FIVE = Codebook((0, 255, 127, 126, 1), two_level=False)
 
 
 def _interpreter_ready() -> bool:
@@ -217,7 +217,7 @@ def test_escape_threshold_exact(gpu_tiles):
     for m, mode in ((m_max, MODE_EXP4), (m_max + 1, MODE_RAW)):
         x = torch.full((n,), 1.5, dtype=BF16)
         x[torch.randperm(n, generator=torch.Generator().manual_seed(m))[:m]] = 3.0
-        ref = assert_same_payload([x], Codebook((127,)), cl2)
+        ref = assert_same_payload([x], Codebook((127,), two_level=False), cl2)
         assert mode_of(ref) == mode
         check_roundtrip(ref, x)
 
@@ -226,7 +226,7 @@ def test_escape_layouts(tiles):
     # one chunk entirely escaped, the others clean
     x = torch.full((4096,), 1.5, dtype=BF16)
     x[768:1024] = 3.0
-    ref = assert_same_payload([x], Codebook((127,)), 8)
+    ref = assert_same_payload([x], Codebook((127,), two_level=False), 8)
     assert mode_of(ref) == MODE_EXP4
     check_roundtrip(ref, x)
     # escape positions with a high byte (chunk_log2 15), chunks of several tiles, partial last chunk
@@ -238,7 +238,7 @@ def test_escape_layouts(tiles):
     x = torch.full((3001,), 1.5, dtype=BF16)
     x[0] = -7.0
     x[-1] = 1e-30
-    ref = assert_same_payload([x], Codebook((127, 3)), 8)
+    ref = assert_same_payload([x], Codebook((127, 3), two_level=False), 8)
     check_roundtrip(ref, x)
 
 

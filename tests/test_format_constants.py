@@ -72,6 +72,10 @@ def test_header_text_constants_match_python():
         "kMaxCodes": fmt.MAX_CODES, "kMinChunkLog2": fmt.MIN_CHUNK_LOG2, "kMaxChunkLog2": fmt.MAX_CHUNK_LOG2,
         "kDefaultChunkLog2": fmt.DEFAULT_CHUNK_LOG2, "kSectionAlign": fmt.SECTION_ALIGN,
         "kMagicU32": int.from_bytes(fmt.MAGIC, "little"),
+        "kModeExp2l": fmt.MODE_EXP2L, "kExp2lCodeBits": fmt.EXP2L_CODE_BITS,
+        "kExp2lMaxPrimary": fmt.EXP2L_MAX_PRIMARY, "kExp2lMaxSecondary": fmt.EXP2L_MAX_SECONDARY,
+        "kExp2lMarker": fmt.EXP2L_MARKER, "kExp2lSecEscape": fmt.EXP2L_SEC_ESCAPE,
+        "kExtOffNSec": fmt.EXT_OFF_N_SEC, "kExtOffSecBytes": fmt.EXT_OFF_SEC_BYTES,
     }
     for k, v in expected.items():
         assert c.get(k) == v, f"{k}: format.h has {c.get(k)}, format.py has {v}"
@@ -107,6 +111,22 @@ def test_spec_header_table_matches_python():
     assert "## 6a. Transfer binding" in text
 
 
+def test_spec_exp2l_matches_python():
+    """FORMAT.md §3a: the ext table, code widths and marker/escape codes agree with format.py."""
+    text = SPEC.read_text() if SPEC.is_file() else pytest.skip("docs/FORMAT.md is not shipped with this install")
+    sec = text[text.index("## 3a."):text.index("## 4.")]
+    rows = re.findall(r"^\|\s*(\d+) \((\d+)\)\s*\|\s*(\d+)\s*\|\s*`(\w+)`", sec, re.M)
+    ext = {name: (int(off), int(hoff), int(size)) for off, hoff, size, name in rows}
+    assert ext == {"sec_codebook": (0, 72, fmt.EXP2L_MAX_SECONDARY), "n_sec_codes": (fmt.EXT_OFF_N_SEC, 87, 1),
+                   "sec_bytes": (fmt.EXT_OFF_SEC_BYTES, 88, 8)}
+    assert sum(size for _, _, size in ext.values()) == fmt.EXT_BYTES
+    assert all(off + 72 == hoff for off, hoff, _ in ext.values())
+    assert f"`code_bits = {fmt.EXP2L_CODE_BITS}`" in sec and f"primary code `{fmt.EXP2L_MARKER}`" in sec
+    assert f"secondary code `{fmt.EXP2L_SEC_ESCAPE}`" in sec and f"`mode` | `0` = RAW" in text
+    assert "`2` = EXP2L" in text and fmt.MODE_EXP2L == 2
+    assert fmt.MAX_CODEBOOK == fmt.EXP2L_MAX_PRIMARY + fmt.EXP2L_MAX_SECONDARY == 22
+
+
 def _ext():
     try:
         import torch  # noqa: F401  (loads libtorch for the extension)
@@ -121,7 +141,9 @@ def test_extension_constants_match_python():
     assert c["MAGIC"] == fmt.MAGIC
     for k in ("VERSION", "HEADER_BYTES", "CAPACITY_SLACK", "MODE_RAW", "MODE_EXP4", "CODE_BITS", "MAX_CODES",
               "MIN_CHUNK_LOG2", "MAX_CHUNK_LOG2", "DEFAULT_CHUNK_LOG2", "SECTION_ALIGN", "VERSION_V1",
-              "HEADER_BYTES_V1", "EXT_BYTES"):
+              "HEADER_BYTES_V1", "EXT_BYTES", "MODE_EXP2L", "EXP2L_CODE_BITS", "EXP2L_MAX_PRIMARY",
+              "EXP2L_MAX_SECONDARY", "EXP2L_MARKER", "EXP2L_SEC_ESCAPE", "MAX_CODEBOOK", "EXT_OFF_N_SEC",
+              "EXT_OFF_SEC_BYTES"):
         assert c[k] == getattr(fmt, k), k
     py = _python_layout()
     assert (c["OFF_TRANSFER_TAG"], c["OFF_EXT"]) == (py["transfer_tag"][0], py["ext"][0])
@@ -143,6 +165,10 @@ def test_extension_header_pack_layout_crc_match_python():
         lay = fmt.Exp4Layout.compute(n, cl2, m)
         assert ext.exp4_layout(n, cl2, m) == (lay.n_chunks, lay.off_codes, lay.off_counts, lay.off_pos, lay.off_exp,
                                               lay.body_bytes)
+        sb = rng.randrange(n + 1) if n < 1 << 20 else rng.randrange(1 << 20)
+        l2 = fmt.Exp2lLayout.compute(n, cl2, m, sb)
+        assert ext.exp2l_layout(n, cl2, m, sb) == (l2.n_chunks, l2.off_codes, l2.off_scounts, l2.off_sec,
+                                                   l2.off_counts, l2.off_pos, l2.off_exp, l2.body_bytes)
         cb = bytes(rng.sample(range(256), 5)) + bytes(11)
         tag = rng.choice([0, 1, 2**63, 2**64 - 1, rng.randrange(2**64)])
         h = fmt.Header(1, 1, 4, 5, cl2, cb, n, m, lay.body_bytes, rng.randrange(2**32), rng.randrange(2**32),
@@ -174,11 +200,33 @@ def test_status_enum_matches_python():
     assert _constexpr_ints(text)["kLutEscape"] == fmt.LUT_ESCAPE
 
 
+def _random_exp2l_fields(rng: random.Random, n: int, cl2: int):
+    """(code_bits, n_codes, codebook, n_escapes, body_bytes, ext) of a mostly valid EXP2L header (FORMAT.md §3a)."""
+    code_bits = 3 if rng.random() < 0.9 else rng.randrange(9)
+    n_codes = rng.randrange(1, 8) if rng.random() < 0.9 else rng.randrange(12)
+    n_sec = rng.randrange(16) if rng.random() < 0.9 else rng.randrange(14, 40)
+    exps = rng.sample(range(256), 31)
+    cb = bytearray(exps[i] if i < n_codes else 0 for i in range(16))
+    sec = bytearray(exps[16 + i] if i < min(n_sec, 15) else 0 for i in range(15))
+    r = rng.random()
+    if r < 0.05:
+        sec[0] = cb[0]  # duplicate across the tables
+    elif r < 0.1:
+        sec[14] = rng.randrange(1, 256)  # stray secondary entry
+    m = rng.randrange(n + 1) if n < 1 << 40 else rng.randrange(1 << 40)
+    sb = rng.randrange(n + 1) if n < 1 << 40 else rng.randrange(1 << 40)
+    if rng.random() < 0.05:
+        sb = n + 1
+    body = fmt.Exp2lLayout.compute(n, cl2, m, sb).body_bytes if 8 <= cl2 <= 15 else rng.randrange(1 << 64)
+    ext = bytes(sec) + bytes([n_sec % 256]) + struct.pack("<Q", sb)
+    return code_bits, n_codes, bytes(cb), m, body, ext
+
+
 def _random_header(rng: random.Random) -> tuple[bytes, int, int]:
     """(header bytes, payload length, expected tag): a mostly plausible header of version 1 or 2, often
     corrupted (bit flips, resealed field changes, truncations, other tags)."""
     v1 = rng.random() < 0.25
-    dtype, mode = rng.randrange(7), rng.randrange(3)
+    dtype, mode = rng.randrange(7), rng.randrange(4)  # 2 = EXP2L, 3 = unknown
     n = rng.randrange(100000) if rng.random() < 0.9 else rng.randrange(1 << 64) >> rng.randrange(64)
     code_bits = n_codes = cl2 = m = 0
     cb = bytes(16)
@@ -196,6 +244,10 @@ def _random_header(rng: random.Random) -> tuple[bytes, int, int]:
         if rng.random() < 0.05:
             m = n + 1
         body = fmt.Exp4Layout.compute(n, cl2, m).body_bytes if 8 <= cl2 <= 15 else rng.randrange(1 << 64)
+    ext = bytes(fmt.EXT_BYTES)
+    if mode == 2 and rng.random() < 0.8:
+        cl2 = rng.randrange(8, 16) if rng.random() < 0.95 else rng.randrange(20)
+        code_bits, n_codes, cb, m, body, ext = _random_exp2l_fields(rng, n, cl2)
     if rng.random() < 0.05:
         body += 1
     tag = 0 if v1 or rng.random() < 0.3 else rng.randrange(1 << 64)
@@ -203,7 +255,7 @@ def _random_header(rng: random.Random) -> tuple[bytes, int, int]:
               rng.randrange(1 << 32), rng.randrange(1 << 32)]
     if rng.random() < 0.03:
         fields[7] = rng.randrange(1, 100)  # reserved
-    raw = bytearray(fmt._HEADER_V1.pack(*fields) if v1 else fmt._HEADER.pack(*fields, tag, bytes(fmt.EXT_BYTES)))
+    raw = bytearray(fmt._HEADER_V1.pack(*fields) if v1 else fmt._HEADER.pack(*fields, tag, ext))
     if not v1 and rng.random() < 0.03:
         raw[72 + rng.randrange(24)] = rng.randrange(1, 256)
     seal = lambda: struct.pack_into("<I", raw, 12, zlib.crc32(bytes(raw[:12]) + bytes(4) + bytes(raw[16:])))  # noqa

@@ -43,8 +43,8 @@ void check_elem_size(const at::Tensor& t, int dtype_code, const char* what, size
 std::vector<uint8_t> codebook_bytes(const py::object& obj, int64_t n_codes) {
   std::vector<uint8_t> cb;
   if (obj.is_none() || n_codes == 0) return cb;
-  if (n_codes < 0 || n_codes > sz::kMaxCodes)
-    value_error("n_codes must be in 0.." + std::to_string(sz::kMaxCodes) + ", got " + std::to_string(n_codes));
+  if (n_codes < 0 || n_codes > sz::kMaxCodebook)
+    value_error("n_codes must be in 0.." + std::to_string(sz::kMaxCodebook) + ", got " + std::to_string(n_codes));
   if (py::isinstance<py::bytes>(obj) || py::isinstance<py::bytearray>(obj)) {
     std::string s = py::isinstance<py::bytes>(obj) ? std::string(py::reinterpret_borrow<py::bytes>(obj))
                                                     : std::string(py::reinterpret_borrow<py::bytearray>(obj));
@@ -66,7 +66,7 @@ std::vector<uint8_t> codebook_bytes(const py::object& obj, int64_t n_codes) {
 }
 
 int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, const py::object& codebook,
-                    int64_t n_codes, int64_t chunk_log2, at::Tensor out, uint64_t tag) {
+                    int64_t n_codes, int64_t chunk_log2, at::Tensor out, uint64_t tag, bool two_level) {
   std::vector<sz::cpu::SrcRegion> src;
   src.reserve(regions.size());
   for (size_t i = 0; i < regions.size(); ++i) {
@@ -82,7 +82,7 @@ int64_t encode_into(const std::vector<at::Tensor>& regions, int64_t dtype_code, 
   try {
     py::gil_scoped_release nogil;
     len = sz::cpu::encode(src.data(), src.size(), int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
-                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag);
+                          int(chunk_log2), out.data_ptr<uint8_t>(), uint64_t(out.numel()), tag, two_level);
   } catch (const sz::cpu::ArgumentError& e) {
     value_error(e.what());
   }
@@ -134,6 +134,15 @@ py::dict format_constants() {
   d["DEFAULT_CHUNK_LOG2"] = sz::kDefaultChunkLog2;
   d["SECTION_ALIGN"] = sz::kSectionAlign;
   d["LUT_ESCAPE"] = sz::kLutEscape;
+  d["MODE_EXP2L"] = sz::kModeExp2l;
+  d["EXP2L_CODE_BITS"] = sz::kExp2lCodeBits;
+  d["EXP2L_MAX_PRIMARY"] = sz::kExp2lMaxPrimary;
+  d["EXP2L_MAX_SECONDARY"] = sz::kExp2lMaxSecondary;
+  d["EXP2L_MARKER"] = sz::kExp2lMarker;
+  d["EXP2L_SEC_ESCAPE"] = sz::kExp2lSecEscape;
+  d["MAX_CODEBOOK"] = sz::kMaxCodebook;
+  d["EXT_OFF_N_SEC"] = sz::kExtOffNSec;
+  d["EXT_OFF_SEC_BYTES"] = sz::kExtOffSecBytes;
   py::dict sizes;
   py::dict exp4;
   for (int c = 0; c < sz::kNumDtypes; ++c) {
@@ -174,6 +183,12 @@ py::tuple exp4_layout(uint64_t n, int chunk_log2, uint64_t m) {
   return py::make_tuple(l.n_chunks, l.off_codes, l.off_counts, l.off_pos, l.off_exp, l.body_bytes);
 }
 
+py::tuple exp2l_layout(uint64_t n, int chunk_log2, uint64_t m, uint64_t sec_bytes) {
+  const sz::Exp2lLayout l = sz::Exp2lLayout::compute(n, chunk_log2, m, sec_bytes);
+  return py::make_tuple(l.n_chunks, l.off_codes, l.off_scounts, l.off_sec, l.off_counts, l.off_pos, l.off_exp,
+                        l.body_bytes);
+}
+
 // format.h validate_header (tests: agreement with format.py). `header` holds the payload's first
 // min(available, 96) bytes or at least its header (zero-padded to 96 here); use_table: the CRC through the 256-entry table of the CUDA kernels. Returns the SzStatus.
 int validate_header_status(py::bytes header, uint64_t available, uint64_t tag, bool use_table) {
@@ -196,9 +211,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SplitZip-KV CPU codec (FORMAT.md v2; decodes v1 too)";
   m.attr("PAYLOAD_ERROR_MARKER") = kPayloadMarker;
   m.def("encode_into", &encode_into, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
-        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0,
-        "Encode the concatenation of `regions` into `out`, bound to transfer `tag` (u64); returns the payload "
-        "length.");
+        py::arg("n_codes"), py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0, py::arg("two_level") = false,
+        "Encode the concatenation of `regions` into `out`, bound to transfer `tag` (u64), EXP2L allowed when "
+        "`two_level`; returns the payload length.");
   m.def("decode_into", &decode_into, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
         py::arg("dtype_code"), py::arg("tag") = 0,
         "Decode the first `payload_len` bytes of `payload` into `regions`; the payload's transfer tag must be "
@@ -209,6 +224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("checksum_a"), py::arg("checksum_b"), py::arg("tag") = 0, py::arg("version") = sz::kVersion,
         "format.h pack_header (tests): 96 bytes, or 64 for version 1.");
   m.def("exp4_layout", &exp4_layout, "format.h Exp4Layout::compute -> (n_chunks, off_codes, off_counts, off_pos, off_exp, body_bytes).");
+  m.def("exp2l_layout", &exp2l_layout, "format.h Exp2lLayout::compute -> (n_chunks, off_codes, off_scounts, "
+        "off_sec, off_counts, off_pos, off_exp, body_bytes).");
   m.def("crc32", &crc32_bytes, "format.h crc32 (tests).");
   m.def("validate_header", &validate_header_status, py::arg("header"), py::arg("available"), py::arg("tag") = 0,
         py::arg("use_table") = false, "format.h validate_header (tests): the SzStatus of a header.");

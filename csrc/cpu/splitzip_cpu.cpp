@@ -475,6 +475,10 @@ struct Scratch {
   std::vector<uint16_t> esc_pos;  // escapes of one chunk
   std::vector<uint8_t> esc_exp;
   std::vector<uint8_t> all_exp;   // escape exponents of the whole payload (encode)
+  std::vector<uint16_t> all_pos;  // escape positions of the whole payload (EXP2L encode)
+  std::vector<uint16_t> esc_counts;  // escapes per chunk (EXP2L encode)
+  std::vector<uint16_t> sec_counts;  // markers per chunk (EXP2L encode)
+  std::vector<uint8_t> sec;       // one chunk's secondary codes, one per byte (+128 slack for vector loads)
 };
 
 Scratch& scratch() {
@@ -571,7 +575,8 @@ Checksum decode_raw(const uint8_t* body, const DstRegion* regions, size_t nr, co
 }
 
 // FORMAT.md §6 step 4, the chunk counts: they sum to n_escapes and none exceeds its chunk's length.
-void check_chunk_counts(const uint8_t* counts, const Exp4Layout& lay) {
+template <class Layout>
+void check_chunk_counts(const uint8_t* counts, const Layout& lay) {
   const uint64_t C = uint64_t(1) << lay.chunk_log2;
   uint64_t total = 0;
   bool over = false;
@@ -640,6 +645,8 @@ Checksum decode_exp4(const Header& h, const uint8_t* body, const DstRegion* regi
   return cs;
 }
 
+#include "exp2l_cpu.inc"
+
 }  // namespace
 
 int simd_level() {
@@ -657,7 +664,7 @@ int set_simd_level(int level) {
 }
 
 uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uint8_t* codebook, int n_codes,
-                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag) {
+                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag, bool two_level) {
   if (!dtype_known(dtype))
     throw ArgumentError("unknown dtype code " + std::to_string(dtype) + "; known codes: " + dtype_list());
   const int esize = dtype_elem_size(dtype);
@@ -674,14 +681,14 @@ uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uin
   uint8_t cb16[16] = {0};
   const bool use_codebook = codebook != nullptr && n_codes > 0;
   if (use_codebook) {
-    if (n_codes > kMaxCodes)
-      throw ArgumentError("a codebook holds 1.." + std::to_string(kMaxCodes) + " exponents, got " +
+    if (n_codes > kMaxCodebook)
+      throw ArgumentError("a codebook holds 1.." + std::to_string(kMaxCodebook) + " exponents, got " +
                           std::to_string(n_codes));
     bool seen[256] = {false};
     for (int j = 0; j < n_codes; ++j) {
       if (seen[codebook[j]]) throw ArgumentError("codebook exponents must be distinct");
       seen[codebook[j]] = true;
-      cb16[j] = codebook[j];
+      if (j < kMaxCodes) cb16[j] = codebook[j];
     }
     if (chunk_log2 < kMinChunkLog2 || chunk_log2 > kMaxChunkLog2)
       throw ArgumentError("chunk_log2 must be in " + std::to_string(kMinChunkLog2) + ".." +
@@ -691,7 +698,13 @@ uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uin
   }
   const Kernels k = kernels();
   if (use_codebook && dtype_exp4_allowed(dtype) && n > 0) {
-    const uint64_t len = encode_exp4(regions, n_regions, n, cb16, n_codes, chunk_log2, out, tag, k);
+    if (two_level) {
+      const uint64_t len = encode_exp2l(regions, n_regions, n, codebook, n_codes, chunk_log2, out, tag,
+                                        exp2l_kernels(g_level));
+      if (len) return len;
+    }
+    const uint64_t len = encode_exp4(regions, n_regions, n, cb16, std::min(n_codes, kMaxCodes), chunk_log2, out,
+                                     tag, k);
     if (len) return len;
   }
   return encode_raw(regions, n_regions, dtype, n, raw_bytes, out, tag, k);
@@ -716,8 +729,9 @@ void decode(const uint8_t* payload, uint64_t payload_len, const DstRegion* regio
   if (dst_st != SZ_OK) throw PayloadError(dst_st);
   const Kernels k = kernels();
   const uint8_t* body = payload + header_bytes_of(h.version);
-  const Checksum cs = h.mode == kModeRaw ? decode_raw(body, regions, n_regions, k)
-                                         : decode_exp4(h, body, regions, n_regions, k);
+  const Checksum cs = h.mode == kModeRaw    ? decode_raw(body, regions, n_regions, k)
+                      : h.mode == kModeExp4 ? decode_exp4(h, body, regions, n_regions, k)
+                                            : decode_exp2l(h, body, regions, n_regions, exp2l_kernels(g_level));
   if (cs.a != h.checksum_a || cs.b != h.checksum_b) throw PayloadError(SZ_ERR_CHECKSUM);
 }
 

@@ -37,10 +37,11 @@ struct DstRegion {
 
 // Encode the logical concatenation of `regions` (elements of wire dtype `dtype`) into `out`
 // (`out_cap >= encode_capacity = 96 + raw bytes + 64`) as a format-v2 payload bound to transfer `tag`
-// (FORMAT.md §6a; 0 = unbound). `codebook` holds `n_codes` distinct exponents (nullptr / 0 => RAW).
+// (FORMAT.md §6a; 0 = unbound). `codebook` holds `n_codes` (<= 22) distinct exponents, most frequent first
+// (nullptr / 0 => RAW); the mode is chosen by FORMAT.md §5, EXP2L only when `two_level`.
 // Returns the payload length (96 + body_bytes).
 uint64_t encode(const SrcRegion* regions, size_t n_regions, int dtype, const uint8_t* codebook, int n_codes,
-                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag = 0);
+                int chunk_log2, uint8_t* out, uint64_t out_cap, uint64_t tag = 0, bool two_level = false);
 
 // Decode `payload` (`payload_len` readable bytes, format v1 or v2) into `regions`. Throws PayloadError on any
 // problem of FORMAT.md §6, including a transfer tag other than `expected_tag` (checked, like every header

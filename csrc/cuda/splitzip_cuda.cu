@@ -695,6 +695,7 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
   Header h;
   int code = validate_header(hb, payload_len, expected_tag, &h, s_crc);
   if (code == SZ_OK) code = check_destination(h, dtype, uint64_t(n_dst));
+  if (code == SZ_OK && h.mode == kModeExp2l) code = SZ_ERR_MODE_UNSUPPORTED;  // no EXP2L kernels yet (FORMAT.md §5)
   if (code == SZ_OK) {
     ctl->mode = h.mode;
     ctl->chunk_log2 = h.chunk_log2;

@@ -27,8 +27,17 @@ TAG_MAX = (1 << 64) - 1     # transfer tags are u64; 0 = unbound
 CAPACITY_SLACK = 64
 MODE_RAW = 0
 MODE_EXP4 = 1
+MODE_EXP2L = 2              # two-level exponent code (FORMAT.md §3a)
 CODE_BITS = 4
 MAX_CODES = 16
+EXP2L_CODE_BITS = 3         # primary code width
+EXP2L_MAX_PRIMARY = 7       # primary entries; primary code 7 is the marker "secondary code follows"
+EXP2L_MAX_SECONDARY = 15    # secondary entries; secondary code 15 is the escape
+EXP2L_MARKER = 7
+EXP2L_SEC_ESCAPE = 15
+MAX_CODEBOOK = EXP2L_MAX_PRIMARY + EXP2L_MAX_SECONDARY   # 22 exponents in a codebook
+EXT_OFF_N_SEC = 15          # ext layout in EXP2L: sec_codebook[15], n_sec_codes (u8), sec_bytes (u64)
+EXT_OFF_SEC_BYTES = 16
 MIN_CHUNK_LOG2 = 8
 MAX_CHUNK_LOG2 = 15
 DEFAULT_CHUNK_LOG2 = 12
@@ -88,9 +97,19 @@ class Status(enum.IntEnum):
     ESC_POS = 25
     ESC_ORDER = 26
     CHECKSUM = 27
+    # EXP2L (FORMAT.md §3a, §6): appended so the codes above keep their numbers
+    EXP2L_VERSION = 28     # header: EXP2L in a version-1 header
+    SEC_N_CODES = 29       # header: n_sec_codes > 15
+    SEC_BYTES_GT_N = 30    # header: sec_bytes > n_elems
+    SEC_COUNT = 31         # a secondary count exceeds its chunk length
+    SEC_BYTES = 32         # the secondary counts need another number of bytes than sec_bytes (aux = their need)
+    SEC_MARKERS = 33       # a chunk holds another number of marker codes than its count (aux = the chunk)
+    MODE_UNSUPPORTED = 34  # a valid EXP2L payload given to a backend without EXP2L kernels (cuda, triton)
 
 
-HEADER_STATUSES = range(Status.TRUNCATED_HEADER, Status.TRUNCATED_BODY + 1)  # FORMAT.md §6 steps 1-3, header
+# FORMAT.md §6 steps 1-3, the header alone
+HEADER_STATUSES = frozenset([*range(Status.TRUNCATED_HEADER, Status.TRUNCATED_BODY + 1), Status.EXP2L_VERSION,
+                             Status.SEC_N_CODES, Status.SEC_BYTES_GT_N])
 
 # The message of every status ({fields} come from the header, the destination and the decode's arguments).
 STATUS_MESSAGES: dict[Status, str] = {
@@ -103,9 +122,9 @@ STATUS_MESSAGES: dict[Status, str] = {
     Status.RESERVED: "payload header has non-zero reserved field",
     Status.RAW_FIELDS: "RAW payload header has coding fields set",
     Status.RAW_BODY: "RAW payload body is {body_bytes} bytes but {n_elems} elements of size {esize} need {need}",
-    Status.EXP4_DTYPE: "EXP4 coding is not defined for dtype code {dtype}",
-    Status.CODE_BITS: "unsupported code width {code_bits} bits (this build reads " + str(CODE_BITS) + ")",
-    Status.N_CODES: "codebook size {n_codes} outside 1.." + str(MAX_CODES),
+    Status.EXP4_DTYPE: "{mode_name} coding is not defined for dtype code {dtype}",
+    Status.CODE_BITS: "unsupported code width {code_bits} bits (this build reads {want})",
+    Status.N_CODES: "codebook size {n_codes} outside 1..{max_codes}",
     Status.CHUNK_LOG2: "chunk_log2 {chunk_log2} outside " + f"{MIN_CHUNK_LOG2}..{MAX_CHUNK_LOG2}",
     Status.ESCAPES_GT_N: "{n_escapes} escapes for only {n_elems} elements",
     Status.CODEBOOK: "payload codebook is malformed (duplicate or stray entries)",
@@ -125,6 +144,15 @@ STATUS_MESSAGES: dict[Status, str] = {
     Status.ESC_ORDER: "escape table is corrupted: escape positions within a chunk are not strictly ascending",
     Status.CHECKSUM: ("payload checksum mismatch: the decoded data differs from what was encoded "
                       "(corrupted in transit or in memory)"),
+    Status.EXP2L_VERSION: "EXP2L payloads need format version 2, got {version}",
+    Status.SEC_N_CODES: "secondary codebook size {n_sec} outside 0.." + str(EXP2L_MAX_SECONDARY),
+    Status.SEC_BYTES_GT_N: "secondary code section of {sec_bytes} bytes for only {n_elems} elements",
+    Status.SEC_COUNT: "secondary code table is corrupted: a chunk claims more secondary codes than elements",
+    Status.SEC_BYTES: "secondary code table is corrupted: chunk counts need {aux} bytes, header says {sec_bytes}",
+    Status.SEC_MARKERS: ("secondary code table is corrupted: the marker codes of chunk {aux} do not match its "
+                         "count"),
+    Status.MODE_UNSUPPORTED: ("EXP2L payloads (mode 2) are not implemented by the {backend} codec backend yet; "
+                              "decode them with the cpu or reference backend"),
 }
 
 
@@ -224,6 +252,42 @@ class Exp4Layout:
 
 
 @dataclass(frozen=True)
+class Exp2lLayout:
+    """Byte offsets of the EXP2L sections (FORMAT.md §3a), relative to the body start."""
+    n: int
+    chunk_log2: int
+    n_escapes: int
+    sec_bytes: int
+    n_chunks: int
+    off_codes: int
+    off_scounts: int
+    off_sec: int
+    off_counts: int
+    off_pos: int
+    off_exp: int
+    body_bytes: int
+
+    @staticmethod
+    def compute(n: int, chunk_log2: int, n_escapes: int, sec_bytes: int) -> "Exp2lLayout":
+        c = 1 << chunk_log2
+        n_chunks = (n + c - 1) // c
+        off_codes = align16(n)
+        off_scounts = align16(off_codes + 24 * ((n + 63) // 64))
+        off_sec = align16(off_scounts + 2 * n_chunks)
+        off_counts = align16(off_sec + sec_bytes)
+        off_pos = align16(off_counts + 2 * n_chunks)
+        off_exp = align16(off_pos + 2 * n_escapes)
+        return Exp2lLayout(n, chunk_log2, n_escapes, sec_bytes, n_chunks, off_codes, off_scounts, off_sec,
+                           off_counts, off_pos, off_exp, off_exp + n_escapes)
+
+
+def exp2l_ext(sec_codebook: bytes, sec_bytes: int) -> bytes:
+    """The 24-byte ``ext`` field of an EXP2L header (FORMAT.md §3a)."""
+    return (bytes(sec_codebook) + bytes(EXP2L_MAX_SECONDARY - len(sec_codebook)) + bytes([len(sec_codebook)])
+            + struct.pack("<Q", sec_bytes))
+
+
+@dataclass(frozen=True)
 class Header:
     """Parsed payload header."""
     dtype: int
@@ -239,6 +303,19 @@ class Header:
     checksum_b: int
     version: int = VERSION
     transfer_tag: int = 0   # version 1: always 0 (implicit)
+    ext: bytes = bytes(EXT_BYTES)
+
+    @property
+    def n_sec_codes(self) -> int:
+        return self.ext[EXT_OFF_N_SEC]
+
+    @property
+    def sec_codebook(self) -> bytes:
+        return self.ext[:EXP2L_MAX_SECONDARY]
+
+    @property
+    def sec_bytes(self) -> int:
+        return struct.unpack_from("<Q", self.ext, EXT_OFF_SEC_BYTES)[0]
 
     @property
     def header_bytes(self) -> int:
@@ -259,9 +336,14 @@ class Header:
         fields = [MAGIC, VERSION, self.dtype, self.mode, self.code_bits, self.n_codes,
                   self.chunk_log2, 0, 0, self.codebook, self.n_elems, self.n_escapes,
                   self.body_bytes, self.checksum_a, self.checksum_b, check_tag(self.transfer_tag),
-                  bytes(EXT_BYTES)]
+                  bytes(self.ext)]
         fields[8] = zlib.crc32(_HEADER.pack(*fields)) & 0xFFFFFFFF
         return _HEADER.pack(*fields)
+
+
+def mode_unsupported_message(backend: str) -> str:
+    """Why a backend without EXP2L refuses an EXP2L payload (its encoder never writes one, FORMAT.md §5)."""
+    return status_message(Status.MODE_UNSUPPORTED, backend=backend)
 
 
 def tag_mismatch_message(version: int, tag: int, expected: int) -> str:
@@ -300,9 +382,9 @@ def parse_header(buf: bytes | bytearray | memoryview, available: int | None = No
     (_, _, dtype, mode, code_bits, n_codes, chunk_log2, reserved, _, codebook,
      n_elems, n_escapes, body_bytes, ca, cb) = fields
     hdr = Header(dtype, mode, code_bits, n_codes, chunk_log2, codebook, n_elems, n_escapes, body_bytes, ca, cb,
-                 version, transfer_tag)
+                 version, transfer_tag, ext)
     _check_fields(hdr, reserved)
-    if any(ext):
+    if mode != MODE_EXP2L and any(ext):
         raise PayloadError.of(Status.EXT)
     if tag is not None and transfer_tag != tag:
         raise PayloadError(tag_mismatch_message(version, transfer_tag, tag),
@@ -325,27 +407,10 @@ def _check_fields(h: Header, reserved: int) -> None:
         if h.body_bytes != h.n_elems * esize:
             raise PayloadError.of(Status.RAW_BODY, body_bytes=h.body_bytes, n_elems=h.n_elems, esize=esize,
                                   need=h.n_elems * esize)
-    elif h.mode == MODE_EXP4:
-        _check_exp4_fields(h)
+    elif h.mode in (MODE_EXP4, MODE_EXP2L):
+        _check_coded(h)
     else:
         raise PayloadError.of(Status.MODE, mode=h.mode)
-
-
-def _check_exp4_fields(h: Header) -> None:
-    if not exp4_allowed(h.dtype):
-        raise PayloadError.of(Status.EXP4_DTYPE, dtype=h.dtype)
-    if h.code_bits != CODE_BITS:
-        raise PayloadError.of(Status.CODE_BITS, code_bits=h.code_bits)
-    if not 1 <= h.n_codes <= MAX_CODES:
-        raise PayloadError.of(Status.N_CODES, n_codes=h.n_codes)
-    if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
-        raise PayloadError.of(Status.CHUNK_LOG2, chunk_log2=h.chunk_log2)
-    if h.n_escapes > h.n_elems:
-        raise PayloadError.of(Status.ESCAPES_GT_N, n_escapes=h.n_escapes, n_elems=h.n_elems)
-    if any(h.codebook[h.n_codes:]) or len(set(h.codebook[:h.n_codes])) != h.n_codes:
-        raise PayloadError.of(Status.CODEBOOK)
-    if h.body_bytes != Exp4Layout.compute(h.n_elems, h.chunk_log2, h.n_escapes).body_bytes:
-        raise PayloadError.of(Status.EXP4_BODY)
 
 
 def check_destination(hdr: Header, dtype: int, n_elems: int) -> None:
@@ -375,7 +440,43 @@ def decode_error_message(status: int, aux: int, header: bytes, payload_len: int,
         return f"{status_message(status)} (status {status}; the header check here says: {e})"
     if status in HEADER_STATUSES or status in (Status.DST_DTYPE, Status.DST_COUNT):
         return f"{status_message(status)} (status {status}, but the header checks pass here)"
-    return status_message(status, aux=aux, n_escapes=hdr.n_escapes)
+    return status_message(status, aux=aux, n_escapes=hdr.n_escapes, sec_bytes=hdr.sec_bytes, backend="cuda")
+
+
+def _check_coded(h: Header) -> None:
+    """FORMAT.md §6 step 2 for EXP4 and EXP2L headers."""
+    two = h.mode == MODE_EXP2L
+    name = "EXP2L" if two else "EXP4"
+    if not exp4_allowed(h.dtype):
+        raise PayloadError.of(Status.EXP4_DTYPE, dtype=h.dtype, mode_name=name)
+    if two and h.version != VERSION:
+        raise PayloadError.of(Status.EXP2L_VERSION, version=h.version)
+    bits, max_codes = (EXP2L_CODE_BITS, EXP2L_MAX_PRIMARY) if two else (CODE_BITS, MAX_CODES)
+    if h.code_bits != bits:
+        raise PayloadError.of(Status.CODE_BITS, code_bits=h.code_bits, want=bits)
+    if not 1 <= h.n_codes <= max_codes:
+        raise PayloadError.of(Status.N_CODES, n_codes=h.n_codes, max_codes=max_codes)
+    if not MIN_CHUNK_LOG2 <= h.chunk_log2 <= MAX_CHUNK_LOG2:
+        raise PayloadError.of(Status.CHUNK_LOG2, chunk_log2=h.chunk_log2)
+    if h.n_escapes > h.n_elems:
+        raise PayloadError.of(Status.ESCAPES_GT_N, n_escapes=h.n_escapes, n_elems=h.n_elems)
+    entries = list(h.codebook[:h.n_codes])
+    stray = any(h.codebook[h.n_codes:])
+    if two:
+        if h.n_sec_codes > EXP2L_MAX_SECONDARY:
+            raise PayloadError.of(Status.SEC_N_CODES, n_sec=h.n_sec_codes)
+        entries += list(h.sec_codebook[:h.n_sec_codes])
+        stray = stray or any(h.sec_codebook[h.n_sec_codes:])
+    if stray or len(set(entries)) != len(entries):
+        raise PayloadError.of(Status.CODEBOOK)
+    if two:
+        if h.sec_bytes > h.n_elems:
+            raise PayloadError.of(Status.SEC_BYTES_GT_N, sec_bytes=h.sec_bytes, n_elems=h.n_elems)
+        want = Exp2lLayout.compute(h.n_elems, h.chunk_log2, h.n_escapes, h.sec_bytes).body_bytes
+    else:
+        want = Exp4Layout.compute(h.n_elems, h.chunk_log2, h.n_escapes).body_bytes
+    if h.body_bytes != want:
+        raise PayloadError.of(Status.EXP4_BODY)
 
 
 def payload_length(buf: bytes | bytearray | memoryview) -> int:

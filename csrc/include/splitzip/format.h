@@ -47,8 +47,21 @@ enum SzStatus {
   SZ_ERR_ESC_POS = 25,           // an escape position lies outside its chunk
   SZ_ERR_ESC_ORDER = 26,         // escape positions of a chunk are not strictly increasing
   SZ_ERR_CHECKSUM = 27,          // decoded data does not match checksum_a / checksum_b
-  SZ_NUM_STATUS = 28
+  // EXP2L (FORMAT.md §3a, §6), appended so the codes above keep their numbers
+  SZ_ERR_EXP2L_VERSION = 28,     // header: EXP2L in a version-1 header
+  SZ_ERR_SEC_N_CODES = 29,       // header: n_sec_codes > 15
+  SZ_ERR_SEC_BYTES_GT_N = 30,    // header: sec_bytes > n_elems
+  SZ_ERR_SEC_COUNT = 31,         // a secondary count exceeds its chunk length
+  SZ_ERR_SEC_BYTES = 32,         // the secondary counts need another byte count than sec_bytes (aux = their need)
+  SZ_ERR_SEC_MARKERS = 33,       // a chunk's marker codes differ from its secondary count (aux = the chunk)
+  SZ_ERR_MODE_UNSUPPORTED = 34,  // a valid EXP2L payload given to a backend without EXP2L kernels (CUDA)
+  SZ_NUM_STATUS = 35
 };
+
+// The EXP2L statuses that validate_header reports (FORMAT.md §6 steps 1-3; the others are decode checks).
+SZ_HD bool is_exp2l_header_status(int s) {
+  return s == SZ_ERR_EXP2L_VERSION || s == SZ_ERR_SEC_N_CODES || s == SZ_ERR_SEC_BYTES_GT_N;
+}
 
 namespace splitzip {
 
@@ -65,6 +78,15 @@ constexpr int kModeRaw = 0;
 constexpr int kModeExp4 = 1;
 constexpr int kCodeBits = 4;
 constexpr int kMaxCodes = 16;
+constexpr int kModeExp2l = 2;          // two-level exponent code (FORMAT.md §3a)
+constexpr int kExp2lCodeBits = 3;      // primary code width
+constexpr int kExp2lMaxPrimary = 7;    // primary entries; primary code 7 is the marker
+constexpr int kExp2lMaxSecondary = 15; // secondary entries; secondary code 15 is the escape
+constexpr int kExp2lMarker = 7;
+constexpr int kExp2lSecEscape = 15;
+constexpr int kMaxCodebook = kExp2lMaxPrimary + kExp2lMaxSecondary;  // 22
+constexpr int kExtOffNSec = 15;        // ext layout in EXP2L: sec_codebook[15], n_sec_codes (u8), sec_bytes (u64)
+constexpr int kExtOffSecBytes = 16;
 constexpr int kMinChunkLog2 = 8;
 constexpr int kMaxChunkLog2 = 15;
 constexpr int kDefaultChunkLog2 = 12;
@@ -336,6 +358,45 @@ struct Exp4Layout {
   }
 };
 
+// ---- EXP2L section layout (FORMAT.md §3a) -------------------------------------------------------------------
+struct Exp2lLayout {
+  uint64_t n;
+  int chunk_log2;
+  uint64_t n_escapes;
+  uint64_t sec_bytes;
+  uint64_t n_chunks;
+  uint64_t off_codes;
+  uint64_t off_scounts;
+  uint64_t off_sec;
+  uint64_t off_counts;
+  uint64_t off_pos;
+  uint64_t off_exp;
+  uint64_t body_bytes;
+
+  // Same overflow caveat as Exp4Layout; validate.h checks untrusted headers in 128-bit arithmetic first.
+  SZ_HD static Exp2lLayout compute(uint64_t n, int chunk_log2, uint64_t n_escapes, uint64_t sec_bytes) {
+    Exp2lLayout l;
+    l.n = n;
+    l.chunk_log2 = chunk_log2;
+    l.n_escapes = n_escapes;
+    l.sec_bytes = sec_bytes;
+    const uint64_t c = uint64_t(1) << chunk_log2;
+    l.n_chunks = (n + c - 1) >> chunk_log2;
+    l.off_codes = align16(n);
+    l.off_scounts = align16(l.off_codes + 24 * ((n + 63) / 64));
+    l.off_sec = align16(l.off_scounts + 2 * l.n_chunks);
+    l.off_counts = align16(l.off_sec + sec_bytes);
+    l.off_pos = align16(l.off_counts + 2 * l.n_chunks);
+    l.off_exp = align16(l.off_pos + 2 * n_escapes);
+    l.body_bytes = l.off_exp + n_escapes;
+    return l;
+  }
+};
+
+// EXP2L header ext accessors (FORMAT.md §3a)
+SZ_HD int exp2l_n_sec(const Header& h) { return h.ext[kExtOffNSec]; }
+SZ_HD uint64_t exp2l_sec_bytes(const Header& h) { return load_u64(h.ext + kExtOffSecBytes); }
+
 // ---- per-element bit logic (FORMAT.md §3) ----------------------------------------------------------------------
 SZ_HD uint32_t exponent_of(uint16_t x) { return (uint32_t(x) >> 7) & 0xFFu; }
 SZ_HD uint32_t sm_of(uint16_t x) { return ((uint32_t(x) >> 8) & 0x80u) | (uint32_t(x) & 0x7Fu); }
@@ -374,23 +435,53 @@ SZ_HD u128 exp4_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m) {
   return off_exp + m;
 }
 
-// EXP4 coding fields (FORMAT.md §6 step 2).
-SZ_HD int validate_exp4_fields(const Header& h) {
+SZ_HD u128 exp2l_body_bytes_wide(uint64_t n, int chunk_log2, uint64_t m, uint64_t sec_bytes) {
+  const u128 c = u128(1) << chunk_log2;
+  const u128 n_chunks = (u128(n) + c - 1) >> chunk_log2;
+  const u128 off_codes = align16_wide(n);
+  const u128 off_scounts = align16_wide(off_codes + 24 * ((u128(n) + 63) / 64));
+  const u128 off_sec = align16_wide(off_scounts + 2 * n_chunks);
+  const u128 off_counts = align16_wide(off_sec + sec_bytes);
+  const u128 off_pos = align16_wide(off_counts + 2 * n_chunks);
+  const u128 off_exp = align16_wide(off_pos + 2 * u128(m));
+  return off_exp + m;
+}
+
+// EXP4 / EXP2L coding fields (FORMAT.md §6 step 2; the order of format.py _check_coded).
+SZ_HD int validate_coded_fields(const Header& h) {
+  const bool two = h.mode == kModeExp2l;
   if (!dtype_exp4_allowed(h.dtype)) return SZ_ERR_EXP4_DTYPE;
-  if (h.code_bits != kCodeBits) return SZ_ERR_CODE_BITS;
-  if (h.n_codes < 1 || h.n_codes > kMaxCodes) return SZ_ERR_N_CODES;
+  if (two && h.version != kVersion) return SZ_ERR_EXP2L_VERSION;
+  if (h.code_bits != (two ? kExp2lCodeBits : kCodeBits)) return SZ_ERR_CODE_BITS;
+  if (h.n_codes < 1 || h.n_codes > (two ? kExp2lMaxPrimary : kMaxCodes)) return SZ_ERR_N_CODES;
   if (h.chunk_log2 < kMinChunkLog2 || h.chunk_log2 > kMaxChunkLog2) return SZ_ERR_CHUNK_LOG2;
   if (h.n_escapes > h.n_elems) return SZ_ERR_ESCAPES_GT_N;
+  const int n_sec = two ? exp2l_n_sec(h) : 0;
+  if (n_sec > kExp2lMaxSecondary) return SZ_ERR_SEC_N_CODES;
+  // primary (codebook) then secondary (ext) entries: the first n_codes / n_sec distinct across both, others 0
   bool bad = false;
-  for (int i = 0; i < 16; ++i) {
-    if (i < h.n_codes) {
-      for (int j = 0; j < i; ++j) bad |= h.codebook[j] == h.codebook[i];
+  for (int i = 0; i < 16 + (two ? kExp2lMaxSecondary : 0); ++i) {
+    const bool prim = i < 16;
+    const int k = prim ? i : i - 16;
+    const uint8_t v = prim ? h.codebook[k] : h.ext[k];
+    if (k < (prim ? int(h.n_codes) : n_sec)) {
+      for (int j = 0; j < i; ++j) {
+        const bool pj = j < 16;
+        const int kj = pj ? j : j - 16;
+        if (kj < (pj ? int(h.n_codes) : n_sec)) bad |= (pj ? h.codebook[kj] : h.ext[kj]) == v;
+      }
     } else {
-      bad |= h.codebook[i] != 0;
+      bad |= v != 0;
     }
   }
   if (bad) return SZ_ERR_CODEBOOK;
-  if (u128(h.body_bytes) != exp4_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes)) return SZ_ERR_EXP4_BODY;
+  if (two) {
+    const uint64_t sb = exp2l_sec_bytes(h);
+    if (sb > h.n_elems) return SZ_ERR_SEC_BYTES_GT_N;
+    if (u128(h.body_bytes) != exp2l_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes, sb)) return SZ_ERR_EXP4_BODY;
+  } else if (u128(h.body_bytes) != exp4_body_bytes_wide(h.n_elems, h.chunk_log2, h.n_escapes)) {
+    return SZ_ERR_EXP4_BODY;
+  }
   return SZ_OK;
 }
 
@@ -405,9 +496,9 @@ SZ_HD int validate_fields(const Header& h) {
     for (int i = 0; i < 16; ++i) cb_set |= h.codebook[i] != 0;
     if (h.code_bits || h.n_codes || h.chunk_log2 || h.n_escapes || cb_set) return SZ_ERR_RAW_FIELDS;
     if (u128(h.body_bytes) != u128(h.n_elems) * uint64_t(dtype_elem_size(h.dtype))) return SZ_ERR_RAW_BODY;
-  } else if (h.mode == kModeExp4) {
-    const int st = validate_exp4_fields(h);
-    if (st != SZ_OK) return st;
+  } else if (h.mode == kModeExp4 || h.mode == kModeExp2l) {
+    const int st = validate_coded_fields(h);
+    if (st != SZ_OK || h.mode == kModeExp2l) return st;  // EXP2L: ext holds its fields
   } else {
     return SZ_ERR_MODE;
   }

@@ -72,18 +72,19 @@ class CpuBackend(CodecBackend):
                    chunk_log2: int, out: torch.Tensor, tag: int = 0) -> int:
         """``encode_into`` that also returns the payload length."""
         cb = codebook.as_bytes() if codebook is not None else None
+        two = codebook is not None and codebook.two_level
         try:
-            return _C_cpu.encode_into(regions, dtype, cb, len(cb) if cb else 0, chunk_log2, out, tag)
+            return _C_cpu.encode_into(regions, dtype, cb, len(cb) if cb else 0, chunk_log2, out, tag, two)
         except (ValueError, TypeError):
-            return self._encode_checked(regions, dtype, cb, chunk_log2, out, tag)
+            return self._encode_checked(regions, dtype, cb, chunk_log2, out, tag, two)
 
     def _encode_checked(self, regions: Sequence[torch.Tensor], dtype: int, cb: bytes | None, chunk_log2: int,
-                        out: torch.Tensor, tag: int) -> int:
+                        out: torch.Tensor, tag: int, two_level: bool = False) -> int:
         check_tag(tag)
         if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous():
             raise ValueError("the cpu codec backend encodes into a contiguous uint8 CPU tensor")
         return int(_C_cpu.encode_into(_flat(regions), dtype, cb, len(cb) if cb else 0, chunk_log2,
-                                      out.reshape(-1), tag))
+                                      out.reshape(-1), tag, two_level))
 
     def decode_into(self, payload: torch.Tensor, regions: Sequence[torch.Tensor], dtype: int,
                     tag: int = 0) -> None:

@@ -115,7 +115,7 @@ class CudaBackend(CodecBackend):
             raise ValueError("the cuda codec backend encodes into a contiguous uint8 CUDA tensor")
         regs = _cuda_regions(regions, out.device)
         refuse_host_table_in_capture(regs, "encode")
-        cb = list(codebook.exponents) if codebook is not None else None
+        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
         flat = out.reshape(-1)
         if _aligned(flat):
             ext.encode(regs, dtype, cb, chunk_log2, flat, tag)
@@ -136,7 +136,7 @@ class CudaBackend(CodecBackend):
         check_tag(tag)
         if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous() or not _aligned(out):
             raise ValueError("encode_table_into needs a contiguous, 16-byte aligned uint8 CUDA output tensor")
-        cb = list(codebook.exponents) if codebook is not None else None
+        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
         ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1), tag)
 
     def encode_batch_into(self, items: Sequence[Sequence[torch.Tensor]], dtype: int, codebook: Codebook | None,
@@ -159,7 +159,7 @@ class CudaBackend(CodecBackend):
                 raise ValueError("encode_batch_into needs contiguous, 16-byte aligned uint8 output tensors on one "
                                  "CUDA device")
         regs = [_cuda_regions(r, dev) for r in items]
-        cb = list(codebook.exponents) if codebook is not None else None
+        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
         return ext.encode_batch(regs, dtype, cb, chunk_log2, [o.reshape(-1) for o in outs], tags)
 
     # ---- decode ---------------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from typing import Sequence
 import torch
 
 from ..codebook import Codebook
-from ..format import (HEADER_BYTES, MODE_RAW, Exp4Layout, PayloadError, Status, check_destination, check_tag,
-                      element_size, encode_capacity, exp4_allowed, parse_header)
+from ..format import (HEADER_BYTES, MODE_EXP2L, MODE_RAW, Exp4Layout, PayloadError, Status, check_destination,
+                      check_tag, element_size, encode_capacity, exp4_allowed, mode_unsupported_message,
+                      parse_header)
 from . import BackendUnavailableError, CodecBackend, register
 
 _KMOD = "splitzip_vllm.codec.triton_kernels"
@@ -205,6 +206,8 @@ class TritonBackend(CodecBackend):
     def encode_into(self, regions: Sequence[torch.Tensor], dtype: int, codebook: Codebook | None,
                     chunk_log2: int, out: torch.Tensor, tag: int = 0) -> None:
         tag = _i64(tag)
+        if codebook is not None:
+            codebook = codebook.exp4()  # no EXP2L kernels yet: EXP4/RAW only (FORMAT.md §5, BENCHMARKS.md)
         esize = element_size(dtype)
         n = sum(r.numel() for r in regions)
         if out.dtype != torch.uint8 or not out.is_contiguous():
@@ -269,6 +272,8 @@ class TritonBackend(CodecBackend):
         if not payload.is_contiguous():
             payload = payload.contiguous()
         hdr = parse_header(payload[:HEADER_BYTES].cpu().numpy().tobytes(), payload.numel(), tag)
+        if hdr.mode == MODE_EXP2L:
+            raise PayloadError(mode_unsupported_message("triton"), Status.MODE_UNSUPPORTED)
         n = sum(r.numel() for r in regions)
         check_destination(hdr, dtype, n)
         device = payload.device
