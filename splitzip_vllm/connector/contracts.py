@@ -38,6 +38,7 @@ class Handshake(msgspec.Struct, kw_only=True):
     model: str
     model_fingerprint: str               # hash of the architecture config (see worker.model_fingerprint)
     kv_dtype: str                        # cache dtype string ("bfloat16", "fp8_e4m3", ...)
+    two_level: bool = False              # prefill: may write EXP2L payloads; decode: its codec reads them
     kv_scales: str = ""                  # FP8: how scales are kept ("" when not FP8)
     block_size: int
     total_kv_heads: int

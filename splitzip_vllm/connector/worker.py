@@ -139,10 +139,19 @@ class SplitZipWorker:
             protocol=PROTOCOL_VERSION, format_versions=(MIN_FORMAT_VERSION, FORMAT_VERSION),
             engine_id=self.engine_id, tp_rank=self.tp_rank, tp_size=self.tp_size, model=self.model,
             model_fingerprint=model_fingerprint(self.vllm_config), kv_dtype=self.kv_dtype, kv_scales=self.kv_scales,
+            two_level=self._two_level(),
             block_size=self.block_size, total_kv_heads=self.total_heads, head_size=lay.geo.head_size,
             layout=lay.kind, piece_order=lay.piece_order, element_size=lay.element_size,
             layers=[LayerSpec(*l.spec()) for l in lay.layers], agent_metadata=self.transport.metadata(),
             mem_type=self.mem_type, device_id=self.device_id)
+
+    def _two_level(self) -> bool:
+        """Prefill: whether its payloads may be EXP2L; decode: whether its codec reads EXP2L."""
+        if self.backend is None or not self.backend.two_level:
+            return False
+        if self.is_producer and self._codebook is not None and self._hist is None:
+            return self._codebook.two_level   # a codebook file (an "auto" codebook is two-level)
+        return True
 
     def get_handshake_metadata(self) -> SplitZipHandshakeMetadata:
         return SplitZipHandshakeMetadata(payload=msgspec.msgpack.encode(self._handshake))
@@ -165,6 +174,11 @@ class SplitZipWorker:
             if getattr(info, key) != getattr(mine, key):
                 raise IncompatiblePeerError(f"prefill has {key}={getattr(info, key)} but decode has "
                                             f"{key}={getattr(mine, key)}; align {hint} on both servers")
+        if info.two_level and not mine.two_level:
+            name = self.backend.name if self.backend else "none"
+            raise IncompatiblePeerError(
+                f"prefill writes EXP2L payloads but decode's codec backend ({name}) does not read them; use "
+                "codec_backend \"cpu\" on decode, or give prefill an EXP4-only codebook (calibrate --exp4-only)")
         if len(info.layers) != len(mine.layers):
             raise IncompatiblePeerError(f"prefill has {len(info.layers)} KV layers, decode {len(mine.layers)}; "
                                         "both servers must serve the same model")

@@ -20,6 +20,7 @@ class CodecBackend(ABC):
     (for the connector: the blocks of one layer of one request in the paged KV cache).
     """
     name: str = ""
+    two_level: bool = True   # implements EXP2L (mode 2); without it, encodes with the codebook's EXP4 view
 
     @classmethod
     @abstractmethod

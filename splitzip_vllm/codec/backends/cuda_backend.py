@@ -91,6 +91,7 @@ def _flat_payload(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
 @register
 class CudaBackend(CodecBackend):
     name = "cuda"
+    two_level = False
 
     @classmethod
     def is_available(cls) -> bool:

@@ -184,6 +184,7 @@ def _i64(tag: int) -> int:
 @register
 class TritonBackend(CodecBackend):
     name = "triton"
+    two_level = False
 
     @classmethod
     def is_available(cls) -> bool:
