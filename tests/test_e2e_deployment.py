@@ -114,7 +114,7 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     started = threading.Event()
 
     def stream():
-        body = dict(completion_body(make_prompts([64], seed=34)[0], max_tokens=1500), stream=True)
+        body = dict(completion_body(make_prompts([64], seed=34)[0], max_tokens=2000), stream=True)
         last = None
         with httpx.stream("POST", f"{d.url}/v1/completions", json=body, timeout=300) as r:
             for line in r.iter_lines():
@@ -137,19 +137,17 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     t0 = time.monotonic()
     r = httpx.post(f"{d.url}/v1/completions", json=dict(completion_body(prompt), kv_transfer_params=dead),
                    timeout=120)
-    t_done = time.monotonic()
-    waited = t_done - t0
+    waited = time.monotonic() - t0
     t.join(timeout=300)
     assert r.status_code == 200 and len(token_ids(r)) == 24          # recomputed after the handshake failed
     assert waited >= 4.0, "the handshake timeout (5 s) should have been waited out by the dead request"
-    # while the dead peer's handshake runs (5 s), the stream must keep flowing. A blocked engine step would give
-    # no tokens in that window; jitter on a loaded 2-core host gives some long gaps. Bound: at least 30 % of
-    # the tokens the stream produced in an equal window after the dead request ended.
+    # while the dead peer's handshake runs (5 s), the stream must keep flowing. A blocked engine step gives no
+    # tokens in that window; jitter on a loaded 2-core host gives some long gaps. Bound: the stream's token rate
+    # during the handshake is at least 30 % of its rate over the whole stream.
     during = [g for t, g in gaps if t0 < t < t0 + 4.5]
-    after = [g for t, g in gaps if t_done + 0.5 < t < t_done + 5.0]
-    report = {"tokens_during_handshake": len(during), "tokens_after": len(after),
-              "max_gap_during_handshake_s": max(during, default=None), "median_gap_s": statistics.median(
-                  g for _, g in gaps), "dead_request_s": waited}
+    span = gaps[-1][0] - gaps[0][0]
+    report = {"tokens_during_handshake": len(during), "tokens": len(gaps), "stream_s": span,
+              "max_gap_during_handshake_s": max(during, default=None), "dead_request_s": waited}
     print(json.dumps(report))
-    assert len(after) >= 50, f"the stream ended too early to compare: {report}"
-    assert len(during) >= 0.3 * len(after), f"stream stalled during the handshake: {report}"
+    assert span > 4.5, f"the stream ended before the handshake window: {report}"
+    assert len(during) / 4.5 >= 0.3 * len(gaps) / span, f"stream stalled during the handshake: {report}"
