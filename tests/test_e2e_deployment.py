@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import statistics
 import threading
 import time
 
