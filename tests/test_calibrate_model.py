@@ -26,7 +26,7 @@ def test_calibrate_from_running_model_and_roundtrip_its_kv(tmp_path):
     r = _cli("calibrate", "--model", model, "-o", str(out), "--num-prompts", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     cb = json.loads(out.read_text())
-    assert cb["format"] == "splitzip-codebook" and len(cb["exponents"]) == 16
+    assert cb["format"] == "splitzip-codebook" and 16 < len(cb["exponents"]) <= 22   # two-level (EXP2L) codebook
     assert cb["coverage"] > 0.99
     dumps = sorted((tmp_path / "cb-kv").glob("*.safetensors"))
     assert len(dumps) == 3
@@ -34,4 +34,4 @@ def test_calibrate_from_running_model_and_roundtrip_its_kv(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["bitwise"] is True and res["backend"] == "cpu"
-    assert res["ratio"] > 1.32
+    assert res["ratio"] > 1.40   # EXP2L beats EXP4's 1.333 ceiling on real paged KV
