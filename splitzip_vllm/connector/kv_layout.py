@@ -55,18 +55,6 @@ def detect_layout(t: torch.Tensor, geo: KVGeometry) -> str:
                       f"{geo.head_size}: {geo.shapes(geo.num_blocks or 'N')}")
 
 
-def byte_ranges(view: torch.Tensor) -> list[tuple[int, int]]:
-    """(address, length) ranges covering ``view`` in element order (one range when contiguous, else one per row
-    of its contiguous last dimension)."""
-    es = view.element_size()
-    if view.is_contiguous():
-        return [(view.data_ptr(), view.numel() * es)]
-    if view.stride(-1) != 1:
-        raise LayoutError(f"KV view with strides {view.stride()} has no contiguous last dimension")
-    rows = view.reshape(-1, view.shape[-1]) if view.dim() > 2 else view
-    return [(r.data_ptr(), r.numel() * es) for r in rows.unbind(0)]
-
-
 @dataclass
 class LayerKV:
     """One layer's paged KV tensor (shared tensors of several layers appear once)."""
