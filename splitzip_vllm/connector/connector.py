@@ -117,7 +117,9 @@ class SplitZipConnector(KVConnectorBase_V1):
             self.worker.save(meta)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        sending, recving, failed = self.worker.transfer_results(finished_req_ids)
+        meta = self._get_connector_metadata()
+        idle = isinstance(meta, SplitZipConnectorMetadata) and meta.idle_step
+        sending, recving, failed = self.worker.transfer_results(finished_req_ids, idle_step=idle)
         return KVConnectorTransferResults(finished_sending=sending or None, finished_recving=recving or None,
                                           failed_recving=failed)
 

@@ -38,6 +38,7 @@ class SplitZipConnectorMetadata(KVConnectorMetadata):
     reqs_not_sent: set[str] = field(default_factory=set)                  # prefill: aborted, drop its payload
     reqs_to_cancel: set[str] = field(default_factory=set)                 # decode: aborted while loading
     heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
+    idle_step: bool = False   # no tokens scheduled: the engine is only waiting on transfers (see worker)
 
 
 @dataclass
