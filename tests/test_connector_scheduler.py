@@ -47,6 +47,12 @@ def test_chunked_prefill_publishes_once_the_prompt_is_complete():
     assert step(s, {"a": 1}).reqs_to_encode == {}                      # published once
 
 
+def test_a_step_with_nothing_scheduled_is_marked_idle():
+    s = sched()   # the worker sleeps IDLE_STEP_WAIT_S on such steps instead of spinning (test_connector_flow.py)
+    assert step(s, {}).idle_step and step(s, {"a": 0}).idle_step
+    assert not step(s, {"a": 1}).idle_step
+
+
 def test_finished_prefill_returns_params_with_the_manifests_of_the_step():
     s = sched()
     r = request("a", 200, {"do_remote_decode": True})

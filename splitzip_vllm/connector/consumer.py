@@ -75,6 +75,11 @@ class Consumer:
         return self.recv_alloc.used_bytes
 
     # ---- requests ------------------------------------------------------------------------------------------
+    @property
+    def loading(self) -> bool:
+        """Whether any load is in flight or draining (its state machine advances once per engine step)."""
+        return bool(self._loads or self._draining)
+
     def start(self, rid: str, req: RecvRequest) -> None:
         now = time.monotonic()
         load = self._loads[rid] = Load(rid, req, [], now)

@@ -128,7 +128,7 @@ class SplitZipScheduler:
         meta = SplitZipConnectorMetadata(reqs_to_encode=self._reqs_to_encode, reqs_to_recv=self._reqs_to_recv,
                                          reqs_to_release=self._reqs_to_release,
                                          reqs_not_sent=self._reqs_not_sent, reqs_to_cancel=self._reqs_to_cancel)
-        meta.idle_step = scheduler_output.total_num_scheduled_tokens == 0
+        meta.idle_step = not any(scheduler_output.num_scheduled_tokens.values())
         now = time.monotonic()
         if self._heartbeat and now - self._last_heartbeat >= self.cfg.kv_lease_duration / 6:
             self._last_heartbeat = now

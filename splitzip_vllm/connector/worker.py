@@ -36,10 +36,12 @@ logger = logging.getLogger("splitzip_vllm.connector")
 MIN_FORMAT_VERSION = 1   # oldest wire-format version the codec still decodes
 POLL_EVERY_S = 0.0005    # engine steps closer together than this skip the transport poll
 # An engine whose only requests are finished-but-held (prefill) or loading (decode) runs empty steps back to
-# back. Under TP>1 that is a three-process spin (engine + workers yielding on vLLM's shared-memory queue) that
-# starved the API server on a 2-core host until the lease expired; one short sleep per empty step ends the spin
-# and costs a new request at most this long before the engine sees it.
-IDLE_STEP_WAIT_S = 0.001
+# back. Under TP>1 that is a multi-process spin (engine + workers yielding on vLLM's shared-memory queue) that
+# starved the API server, and a decode worker pinned to the same core, on a 2-core host until the lease expired.
+# A sleep per empty step ends the spin; it costs a new request at most that long before the engine sees it.
+# Loads in flight advance once per step, so they get the short wait.
+IDLE_STEP_WAIT_S = 0.002
+LOADING_STEP_WAIT_S = 0.001
 
 
 def model_fingerprint(vllm_config: Any) -> str:
@@ -282,9 +284,10 @@ class SplitZipWorker:
     def transfer_results(self, finished_req_ids: set[str], idle_step: bool = False
                          ) -> tuple[set[str], set[str], set[str]]:
         """Once per engine step; the transport (NIXL notifications, transfer states) is polled at most every
-        ``POLL_EVERY_S``. ``idle_step``: nothing was scheduled, so wait ``IDLE_STEP_WAIT_S`` first."""
+        ``POLL_EVERY_S``. ``idle_step``: nothing was scheduled, so wait a little first (see ``IDLE_STEP_WAIT_S``)."""
         if idle_step:
-            time.sleep(IDLE_STEP_WAIT_S)
+            loading = self.consumer is not None and self.consumer.loading
+            time.sleep(LOADING_STEP_WAIT_S if loading else IDLE_STEP_WAIT_S)
         now = time.monotonic()
         poll_transport = now - self._last_poll >= POLL_EVERY_S
         if poll_transport:
