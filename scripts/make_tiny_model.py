@@ -5,6 +5,12 @@
 
 The 8B-like KV geometry for transfer benchmarks: --layers 32 --kv-heads 8 --head-dim 128 --heads 8 --hidden 256.
 Deterministic for fixed arguments (seed 0).
+
+--tp-invariant T zeroes the inputs of the row-parallel layers (o_proj, down_proj) outside TP rank 0's shard for
+TP size T. Tensor parallelism splits those matmuls and adds the ranks' partial sums; with the other ranks'
+parts exactly zero, TP 1 and TP T compute the same numbers, so a P/D pair of different TP sizes can be compared
+token for token with a single server. The other ranks' KV heads are still computed (and transferred), they just
+do not reach the output.
 """
 from __future__ import annotations
 
@@ -46,6 +52,12 @@ def build_model(out: Path, a: argparse.Namespace) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, a.init_std)
+        if a.tp_invariant > 1:
+            attn_keep = a.heads // a.tp_invariant * a.head_dim
+            mlp_keep = a.intermediate // a.tp_invariant
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight[:, attn_keep:] = 0
+                layer.mlp.down_proj.weight[:, mlp_keep:] = 0
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
 
 
@@ -61,11 +73,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--max-pos", type=int, default=8192)
     ap.add_argument("--init-std", type=float, default=0.05)
+    ap.add_argument("--tp-invariant", type=int, default=1, metavar="T")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
     stamp = out / "splitzip_model.json"
-    spec = {k: v for k, v in vars(a).items() if k not in ("out", "force")}
+    spec = {k: v for k, v in vars(a).items() if k not in ("out", "force") and not (k == "tp_invariant" and v == 1)}
     if stamp.exists() and not a.force and json.loads(stamp.read_text()) == spec:
         print(f"model already built at {out}")
         return
