@@ -16,10 +16,13 @@ MODEL_DIR = Path(os.environ.get("SPLITZIP_TINY_MODEL", REPO / "out" / "tiny-llam
 LOG_ROOT = REPO / "out" / "e2e-logs"
 
 
-def tiny_model() -> str:
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(MODEL_DIR)], check=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    return str(MODEL_DIR)
+def tiny_model(tp_invariant: int = 1) -> str:
+    """The tiny random Llama; ``tp_invariant=T``: the variant whose TP 1..T forward passes compute the same
+    numbers (scripts/make_tiny_model.py --tp-invariant)."""
+    out = MODEL_DIR if tp_invariant == 1 else MODEL_DIR.with_name(f"{MODEL_DIR.name}-tp-invariant{tp_invariant}")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out),
+                    "--tp-invariant", str(tp_invariant)], check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return str(out)
 
 
 def start_all(servers) -> None:

@@ -7,10 +7,12 @@ heads it serves from the prefill rank(s) that hold them. Checks:
 * every prompt token arrives over the connector (none recomputed), bytes read stay at the compressed size;
 * the KV decode received is bitwise the KV prefill published (both sides dump it: ``kv_dump_dir``), heads
   reassembled across ranks;
-* the output equals a single server's with the same TP on both sides (1->1, 2->2). With different TP sizes the
-  two sides compute with different reduction orders, so no single server computes the same numbers; there the
-  bitwise KV check is the connector's guarantee, and the tokens are compared with the decode-TP single server
-  and reported, next to how often the two single servers (prefill's TP, decode's TP) disagree with each other.
+* the output equals a single server's, for every pair. A TP 1 and a TP 2 forward pass of an ordinary model round
+  differently (on the plain tiny Llama the two single servers disagree on 3 of 8 prompts), so no single server
+  would compute a mixed pair's numbers. The model here is the tiny Llama built with ``--tp-invariant 2``: the
+  row-parallel inputs outside TP rank 0's shard are zero, so TP 1 and TP 2 compute the same numbers (asserted
+  below for the two servers of a mixed pair) and the tokens test the connector, not the all-reduce. Every KV
+  head is still computed and moved; the bitwise KV check covers the heads that do not reach the output.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _server(name, role, tp, logs, dump, policy="fail", bind=None):
         extra.update(transfer_timeout=LEASE_S, handshake_timeout=LEASE_S / 2)
     args = ["--block-size", str(BLOCK)] + (["--tensor-parallel-size", "2"] if tp == 2 else [])
     bind = bind or ("0|1" if tp == 2 else ("0" if role == "kv_producer" else "1"))
-    return Server(name, tiny_model(), logs, kv_config(CONNECTOR, role, policy, extra),
+    return Server(name, tiny_model(tp_invariant=2), logs, kv_config(CONNECTOR, role, policy, extra),
                   bind, args=args,
                   env={"VLLM_SERVER_DEV_MODE": "1"})   # /reset_prefix_cache
 
@@ -58,26 +60,24 @@ def _heads(dump_dir, prefix: str, rid: str, tp: int) -> list[torch.Tensor]:
 def test_tp_pair(p_tp, d_tp, tmp_path):
     require_e2e()
     logs = LOG_ROOT / f"tp{p_tp}-{d_tp}"
-    # TP 2 takes both cores; a TP 1 partner pinned onto one of them next to a TP 2 worker was starved there
-    # (vLLM workers spin with sched_yield between steps), so in mixed pairs the TP 1 side is left unpinned
-    mixed = "nobind" if p_tp != d_tp else None
-    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p", bind=mixed)
-    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d", bind=mixed)
+    # A TP 2 server takes both cores. A worker pinned next to another server's worker was starved there for
+    # minutes (vLLM workers spin with sched_yield between steps), so only one side is pinned: the TP 2 one
+    # (prefill in 2->2); 1->1 keeps one core each.
+    pinned = {"prefill"} if p_tp == 2 else {"decode"} if d_tp == 2 else {"prefill", "decode"}
+    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p", bind=None if "prefill" in pinned else "nobind")
+    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d", bind=None if "decode" in pinned else "nobind")
     start_all([p, d])
     try:
         prompts = make_prompts(LENGTHS, seed=21)
         refs = [token_ids(complete(d.url, completion_body(x))) for x in prompts]   # decode-TP single server
-        p_refs = [token_ids(complete(p.url, completion_body(x))) for x in prompts] if p_tp != d_tp else refs
+        if p_tp != d_tp:   # the model's premise: a TP 1 and a TP 2 single server agree
+            assert [token_ids(complete(p.url, completion_body(x))) for x in prompts] == refs
         httpx.post(f"{d.url}/reset_prefix_cache", timeout=30).raise_for_status()   # the loads below must read
         before = d.metrics()
-        same = []
         for prompt, ref in zip(prompts, refs):
             params, resp = prefill_then_decode(p.url, d.url, completion_body(prompt))
             assert len(params["splitzip"]["manifests"]) == p_tp
-            got = token_ids(resp)
-            same.append(got == ref)
-            if p_tp == d_tp:
-                assert got == ref, f"{p_tp}->{d_tp}: {len(prompt)}-token prompt differs from the single-server run"
+            assert token_ids(resp) == ref, f"{p_tp}->{d_tp}: {len(prompt)}-token prompt differs from a single server"
             rid = params["remote_request_id"]
             sent, recv = _heads(tmp_path / "p", "", rid, p_tp), _heads(tmp_path / "d", "recv-", rid, d_tp)
             n = -(-len(prompt) // BLOCK)
@@ -93,8 +93,7 @@ def test_tp_pair(p_tp, d_tp, tmp_path):
         # 4 layers x 2 KV heads x blocks x 128 tokens x 2*64 values x 2 bytes, summed over the decode ranks
         assert raw == sum(-(-n // BLOCK) for n in LENGTHS) * 4 * 2 * BLOCK * 128 * 2
         assert wire <= 0.76 * raw, f"wire {wire} vs raw {raw} ({wire / raw:.4f})"
-        print(json.dumps({"pair": f"{p_tp}->{d_tp}", "wire/raw": wire / raw, "tokens_equal_decode_tp_server": same,
-                          "single_servers_agree": [a == b for a, b in zip(refs, p_refs)]}))
+        print(json.dumps({"pair": f"{p_tp}->{d_tp}", "wire/raw": wire / raw}))
     finally:
         p.stop()
         d.stop()
