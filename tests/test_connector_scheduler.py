@@ -113,6 +113,25 @@ def test_decode_load_heartbeats_and_abort_while_loading():
     assert step(s, {}).heartbeats == []
 
 
+def test_decode_preemption_after_the_load_recomputes_and_never_reads_again():
+    # vLLM preempts running requests only; one waiting for its KV is not running. Once loaded and running, a
+    # preempted request loses its blocks and is scheduled again from token 0: it must not read prefill's copy
+    # again (prefill freed it on Done), and it gets no heartbeats.
+    s = sched(lease=0.6)
+    r = request("d", 300, _remote_params())
+    s.on_new_request(r)
+    assert s.get_num_new_matched_tokens(r, 0) == (300, True)
+    s.update_state_after_alloc(r, _blocks(0, [21, 22, 23]), 300)
+    assert list(step(s, {}).reqs_to_recv) == ["d"]
+    s.update_connector_output(output(finished_recving=["d"]))
+    r.num_computed_tokens = 0                                           # preempted, rescheduled
+    assert s.get_num_new_matched_tokens(r, 0) == (0, False)
+    s.update_state_after_alloc(r, _blocks(0, [31, 32, 33]), 0)
+    time.sleep(0.11)
+    meta = step(s, {"d": 300})
+    assert meta.reqs_to_recv == {} and meta.reqs_to_release == {} and meta.heartbeats == []
+
+
 def test_decode_full_prefix_hit_releases_the_prefill_copy():
     s = sched()
     r = request("d", 300, _remote_params())
