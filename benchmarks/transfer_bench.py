@@ -230,7 +230,8 @@ def child_main(args) -> None:
                     n = msg["size"] // 2
                     x = data[:n]
                     t0 = time.perf_counter()
-                    payload = encode(x, cb, chunk_log2=args.chunk_log2, backend=backend.name, out=enc_buf)
+                    book = cb.exp4() if msg.get("mode") == "exp4" else cb   # default: the codebook's best mode
+                    payload = encode(x, book, chunk_log2=args.chunk_log2, backend=backend.name, out=enc_buf)
                     t1 = time.perf_counter()
                     send({"ok": True, "encode_s": t1 - t0, "payload_bytes": int(payload.numel())})
                 elif cmd == "read_raw":                   # initiator
@@ -484,6 +485,7 @@ def orchestrate(args) -> int:
                     break
                 bar.set_postfix_str(f"{rate_label(rate)} {size // MiB} MiB")
                 raw, enc, xfer, dec, tot, tel_raw, tel_sz, plen = [], [], [], [], [], [], [], None
+                tot4, plen4 = [], None   # the same transfer coded EXP4 only (what v1 could do), side by side
                 verified = True
                 wire_expected = 0
                 tx0 = tx_bytes(NS_T, DEV_T)
@@ -495,8 +497,11 @@ def orchestrate(args) -> int:
                     r = ini.call({"cmd": "read_raw", "size": size})
                     e = tgt.call({"cmd": "encode", "size": size})
                     s = ini.call({"cmd": "read_sz", "size": size, "payload_bytes": e["payload_bytes"]})
-                    verified &= r["verified"] and s["verified"]
-                    wire_expected += size + e["payload_bytes"]
+                    e4 = tgt.call({"cmd": "encode", "size": size, "mode": "exp4"})
+                    s4 = ini.call({"cmd": "read_sz", "size": size, "payload_bytes": e4["payload_bytes"]})
+                    verified &= r["verified"] and s["verified"] and s4["verified"]
+                    wire_expected += size + e["payload_bytes"] + e4["payload_bytes"]
+                    plen4 = e4["payload_bytes"]
                     plen = e["payload_bytes"]
                     if rep >= args.warmup:
                         raw.append(r["xfer_s"])
@@ -504,6 +509,7 @@ def orchestrate(args) -> int:
                         xfer.append(s["xfer_s"])
                         dec.append(s["decode_s"])
                         tot.append(e["encode_s"] + s["xfer_s"] + s["decode_s"])
+                        tot4.append(e4["encode_s"] + s4["xfer_s"] + s4["decode_s"])
                         tel_raw.append(r["telemetry_s"])
                         tel_sz.append(s["telemetry_s"])
                     bar.update(1)
@@ -536,7 +542,9 @@ def orchestrate(args) -> int:
                        "veth_tx_over_data": (tx1 - tx0) / wire_expected,
                        "policy": choice, "policy_describe": pol.describe(), "faster": faster,
                        "policy_right": choice == faster, "policy_with_raw_link": choice_raw_link,
-                       "margin": abs(raw_s - sz_s) / min(raw_s, sz_s), "load_avg": load_avg()}
+                       "margin": abs(raw_s - sz_s) / min(raw_s, sz_s), "load_avg": load_avg(),
+                       "exp4_payload_bytes": plen4, "exp4_ratio": size / plen4, "exp4_sz_s": median(tot4),
+                       "exp4_sz_gbps": size / median(tot4) / 1e9, "speedup_over_exp4": median(tot4) / sz_s}
                 # link checks: every byte must have crossed the veth; a shaped raw READ must not beat the limit
                 if row["veth_tx_over_data"] < 0.98:
                     failed_checks.append(f"{rate_label(rate)} {size // MiB} MiB: veth carried only "
@@ -550,7 +558,9 @@ def orchestrate(args) -> int:
                 bar.write(f"  {rate_label(rate):>11} {size // MiB:>4} MiB: raw {row['raw_gbps']:.3f} GB/s "
                           f"({achieved_gbit:.2f} Gbit/s on the wire"
                           + (f", {100 * achieved_gbit / (lim / 1e9):.0f} % of the limit" if lim else "")
-                          + f"), splitzip {row['sz_gbps']:.3f} GB/s, x{row['speedup']:.2f}, veth tx/data "
+                          + f"), splitzip {row['sz_gbps']:.3f} GB/s, x{row['speedup']:.2f} (ratio {ratio:.4f}; "
+                          f"EXP4 only: {row['exp4_sz_gbps']:.3f} GB/s, ratio {row['exp4_ratio']:.4f}, this run "
+                          f"x{row['speedup_over_exp4']:.3f} over it), veth tx/data "
                           f"{row['veth_tx_over_data']:.3f}, policy {choice} ({'right' if row['policy_right'] else 'WRONG'})")
         bar.close()
     finally:
@@ -592,19 +602,21 @@ def format_table(res: dict) -> str:
              f"(1 GB = 1e9 B); splitzip time = encode + READ + decode (serial)",
              "",
              f"{'link':>11} {'size':>7} | {'raw s':>7} {'raw GB/s':>8} {'wire Gb/s':>9} | {'enc s':>6} "
-             f"{'READ s':>7} {'dec s':>6} {'SZ s':>7} {'SZ GB/s':>7} | {'ratio':>6} {'speedup':>7} | "
+             f"{'READ s':>7} {'dec s':>6} {'SZ s':>7} {'SZ GB/s':>7} | {'ratio':>6} {'speedup':>7} {'vs EXP4':>7} | "
              f"{'policy':>8} {'faster':>8} {'by':>5} {'ok':>3}  load"]
     lines.append("-" * len(lines[-1]))
     for r in res["rows"]:
         lines.append(f"{rate_label(r['rate']):>11} {str(r['size'] // MiB) + ' MiB':>7} | {r['raw_s']:>7.3f} "
                      f"{r['raw_gbps']:>8.3f} {r['raw_link_gbit']:>9.2f} | {r['encode_s']:>6.3f} {r['xfer_s']:>7.3f} "
                      f"{r['decode_s']:>6.3f} {r['sz_s']:>7.3f} {r['sz_gbps']:>7.3f} | {r['ratio']:>6.4f} "
-                     f"{r['speedup']:>6.2f}x | {r['policy']:>8} {r['faster']:>8} {100 * r['margin']:>4.0f}% "
+                     f"{r['speedup']:>6.2f}x {r.get('speedup_over_exp4', float('nan')):>6.3f}x | "
+                     f"{r['policy']:>8} {r['faster']:>8} {100 * r['margin']:>4.0f}% "
                      f"{'yes' if r['policy_right'] else 'NO':>3}  {r['load_avg'][0]:.1f}")
     lines.append("")
     lines.append("wire Gb/s: raw bytes*8 / raw READ s (must stay under the link limit). policy: CompressionPolicy"
                  "('auto') fed with the medians (encode, wire rate of the payload READ, decode, ratio); faster: the "
-                 "measured winner, by: its margin; ok: policy == faster. Every transfer verified bitwise.")
+                 "measured winner, by: its margin; ok: policy == faster. vs EXP4: SplitZip time of the same transfer "
+                 "coded EXP4 only / SplitZip time. Every transfer verified bitwise.")
     return "\n".join(lines)
 
 
@@ -620,12 +632,16 @@ def format_markdown(res: dict) -> str:
            f"median of {res['repeat']} repetitions after {res['warmup']} warm-up; run took "
            f"{res.get('elapsed_s', 0):.0f} s.", "",
            "| link | size | raw READ s | raw GB/s | raw on wire Gbit/s | encode s | payload READ s | decode s "
-           "| SplitZip s | SplitZip GB/s | ratio | speed-up | policy | faster (margin) | policy right | load (1 min) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
+           "| SplitZip s | SplitZip GB/s | ratio | speed-up | EXP4-only s | EXP4 ratio | over EXP4 | policy "
+           "| faster (margin) | policy right | load (1 min) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for r in res["rows"]:
         out.append(f"| {rate_label(r['rate'])} | {r['size'] // MiB} MiB | {r['raw_s']:.4f} | {r['raw_gbps']:.3f} | "
                    f"{r['raw_link_gbit']:.2f} | {r['encode_s']:.4f} | {r['xfer_s']:.4f} | {r['decode_s']:.4f} | "
-                   f"{r['sz_s']:.4f} | {r['sz_gbps']:.3f} | {r['ratio']:.4f} | {r['speedup']:.2f}x | {r['policy']} | "
+                   f"{r['sz_s']:.4f} | {r['sz_gbps']:.3f} | {r['ratio']:.4f} | {r['speedup']:.2f}x | "
+                   + (f"{r['exp4_sz_s']:.4f} | {r['exp4_ratio']:.4f} | {r['speedup_over_exp4']:.3f}x | "
+                      if "exp4_sz_s" in r else "- | - | - | ")
+                   + f"{r['policy']} | "
                    f"{r['faster']} ({100 * r['margin']:.0f} %) | {'yes' if r['policy_right'] else 'no'} | {r['load_avg'][0]:.2f} |")
     out += ["", "GB/s = uncompressed KV bytes per second (1 GB = 1e9 B). SplitZip s = encode (target) + READ of "
             "the payload + decode (initiator), serial. Every transfer verified bitwise."]
