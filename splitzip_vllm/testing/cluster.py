@@ -19,6 +19,21 @@ CONNECTOR_MODULE = "splitzip_vllm.connector"
 
 
 def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range: a port-0 pick from inside that range can be handed to
+    another socket (vLLM's, UCX's) before our server binds it ("Address already in use" seen in CI)."""
+    import random
+    try:
+        lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        lo = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, lo))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
