@@ -23,6 +23,8 @@ BLOCK = 128
 MiB = 1 << 20
 CONNECTOR = "SplitZipConnector"
 RAW_PER_BLOCK = 4 * 2 * BLOCK * 128 * 2     # 4 layers x 2 KV heads x 128 tokens x 2*64 values x 2 bytes
+ITL = "vllm:inter_token_latency_seconds"
+STEP_BOUND_S = 0.5     # no decode step may take longer (a histogram bucket edge of vLLM's ITL metric)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,7 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     # The dead request goes first, alone, so its handshake (5 s timeout) starts at once; the unrelated stream
     # starts while it runs. (Sent the other way round, vLLM sometimes took the dead request up only after the
     # stream had finished, and there was nothing to measure.)
+    itl_before = d.histogram(ITL)
     t0 = time.monotonic()
     dt = threading.Thread(target=dead_request)
     dt.start()
@@ -145,18 +148,25 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     t.start()
     dt.join(timeout=120)
     t.join(timeout=300)
+    itl = {le: n - itl_before.get(le, 0.0) for le, n in d.histogram(ITL).items()}
     r, waited = dead_done["resp"], dead_done["t"] - t0
     assert r.status_code == 200 and len(token_ids(r)) == 24          # recomputed after the handshake failed
     assert 4.0 <= waited < 8.0, f"the dead request should wait out the 5 s handshake timeout, took {waited:.1f} s"
-    # while the dead peer's handshake runs, the stream must keep flowing. A blocked engine step gives no tokens
-    # in that window; jitter on a loaded 2-core host gives some long gaps. Bound: the stream's token rate in the
-    # window (from 1 s after the dead request was sent to 1 s before it finished) is at least 30 % of its rate
-    # over the whole stream.
-    lo, hi = t0 + 1.0, t0 + waited - 1.0
+    lo, hi = t0 + 1.5, t0 + waited - 1.0    # the stream was sent at t0 + 0.5; its first token takes ~0.05 s
     during = [g for t, g in gaps if lo < t < hi]
-    span = gaps[-1][0] - gaps[0][0]
-    report = {"tokens_during_handshake": len(during), "window_s": hi - lo, "tokens": len(gaps), "stream_s": span,
-              "max_gap_during_handshake_s": max(during, default=None), "dead_request_s": waited}
+    report = {"tokens_during_handshake": len(during), "window_s": round(hi - lo, 2), "tokens": len(gaps),
+              "stream_s": round(gaps[-1][0] - gaps[0][0], 2), "dead_request_s": round(waited, 2),
+              "engine_itl_over_bound": itl[float("inf")] - itl[STEP_BOUND_S], "engine_itl_count": itl[float("inf")]}
     print(json.dumps(report))
+    # The bound is on the decode engine's own step cadence: vLLM stamps every step's outputs in the engine
+    # process, and its inter-token-latency histogram holds the gaps between a request's consecutive tokens. A
+    # handshake blocking a step would show as one gap of about the 5 s timeout (checked: a 0.8 s sleep per step
+    # while the handshake is pending fails here with 5 gaps over the bound). Client arrival times only show
+    # that the stream ran through the window: as a bound they flaked in the full suite, where the client once
+    # saw a 5 s lull and then 1,800 chunks at 1,500/s, six times the engine's step rate, so that lull was
+    # downstream of the engine.
+    assert itl[float("inf")] >= 1999 + 23, f"the histogram misses tokens: {report}"
+    assert itl[float("inf")] - itl[STEP_BOUND_S] == 0, \
+        f"a decode step took longer than {STEP_BOUND_S} s while a handshake was pending: {report}"
+    # a handshake that blocks the engine step also keeps the stream from starting: this catches it too
     assert gaps[0][0] < lo and gaps[-1][0] > hi, f"the stream does not cover the handshake window: {report}"
-    assert len(during) / (hi - lo) >= 0.3 * len(gaps) / span, f"stream stalled during the handshake: {report}"

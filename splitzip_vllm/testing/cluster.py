@@ -124,6 +124,17 @@ class Server:
                 pass
             self.proc.wait(timeout=10)
 
+    def histogram(self, name: str) -> dict[float, float]:
+        """Cumulative bucket counts ``{le: count}`` of a Prometheus histogram, summed over its other labels."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(f"{name}_bucket{{"):
+                labels, _, value = line.rpartition(" ")
+                le = float(labels.split('le="')[1].split('"')[0])
+                out[le] = out.get(le, 0.0) + float(value)
+        return out
+
     def metrics(self) -> dict[str, float]:
         """Prometheus samples summed over labels except ``source`` (kept as ``name{source}``)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
