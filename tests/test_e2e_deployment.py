@@ -151,7 +151,9 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     itl = {le: n - itl_before.get(le, 0.0) for le, n in d.histogram(ITL).items()}
     r, waited = dead_done["resp"], dead_done["t"] - t0
     assert r.status_code == 200 and len(token_ids(r)) == 24          # recomputed after the handshake failed
-    assert 4.0 <= waited < 8.0, f"the dead request should wait out the 5 s handshake timeout, took {waited:.1f} s"
+    # it fails on the 5 s handshake timeout, not on the 30 s transfer timeout (the upper bound leaves room for a
+    # loaded host: 8.7 s was measured with two busy loops beside the servers)
+    assert 4.0 <= waited < 15.0, f"the dead request should fail on the 5 s handshake timeout, took {waited:.1f} s"
     lo, hi = t0 + 1.5, t0 + waited - 1.0    # the stream was sent at t0 + 0.5; its first token takes ~0.05 s
     during = [g for t, g in gaps if lo < t < hi]
     report = {"tokens_during_handshake": len(during), "window_s": round(hi - lo, 2), "tokens": len(gaps),
