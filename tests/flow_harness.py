@@ -74,11 +74,11 @@ class Prefill:
             model_fingerprint="f", kv_dtype="bfloat16", block_size=flow.block, total_kv_heads=flow.heads,
             head_size=flow.head, layout=self.layout.kind, piece_order=self.layout.piece_order, element_size=2,
             layers=[LayerSpec(*l.spec()) for l in self.layout.layers], agent_metadata=self.transport.metadata(),
-            mem_type=flow.mem_type, device_id=flow.device_id)
+            mem_type=flow.mem_type, device_id=flow.device_id, mailbox_addr=self.producer.mailbox.base)
 
-    def publish(self, rid: str, block_ids: list[int]):
+    def publish(self, rid: str, block_ids: list[int], transfer_id: str = ""):
         plan = PiecePlan(self.flow.layers, self.flow.heads // self.tp, len(block_ids), self.bpp)
-        return self.producer.publish(rid, block_ids, plan)
+        return self.producer.publish(rid, block_ids, plan, transfer_id)
 
     def poll(self, finished=()):
         return self.producer.poll(set(finished), self.transport.notifications())
@@ -115,6 +115,12 @@ class Decode:
 def remote(manifests, block_ids, tp, rid="r1", bpp=1):
     return RemoteInfo(engine_id="P", host="h", port=1, request_id=rid, tp_size=tp, block_ids=block_ids,
                       manifests=[m.to_dict() for m in manifests], blocks_per_piece=bpp)
+
+
+def layerwise_remote(transfer_id: str, tp: int):
+    """What decode knows of a layer-wise transfer: the proxy's id and the prefill engine, no manifests."""
+    return RemoteInfo(engine_id="P", host="h", port=1, request_id=transfer_id, tp_size=tp, block_ids=[],
+                      manifests=None, transfer_id=transfer_id)
 
 
 def run(prefills, decodes, rid_finished=("r1",), limit_s=None):

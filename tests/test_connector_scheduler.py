@@ -83,7 +83,7 @@ def test_prefill_abort_before_or_after_publishing():
 def _remote_params():
     return {"do_remote_prefill": True, "remote_engine_id": "engine-P", "remote_request_id": "p-1",
             "remote_host": "h", "remote_port": 1, "remote_block_ids": [[5, 6, 7]], "tp_size": 1,
-            "splitzip": {"protocol": 3, "blocks_per_piece": 1, "manifests": [{"mode": "splitzip"}]}}
+            "splitzip": {"protocol": 4, "blocks_per_piece": 1, "manifests": [{"mode": "splitzip"}]}}
 
 
 def _blocks(n_hashed: int, unhashed: list[int]):

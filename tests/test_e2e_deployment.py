@@ -116,7 +116,7 @@ def test_unreachable_prefill_does_not_stall_other_requests(dep):
     dead = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],
             "remote_engine_id": "gone", "remote_request_id": "gone-1", "remote_host": "127.0.0.1",
             "remote_port": free_port(), "tp_size": 1, "remote_num_tokens": 200,
-            "splitzip": {"protocol": 3, "blocks_per_piece": 1, "manifests": [
+            "splitzip": {"protocol": 4, "blocks_per_piece": 1, "manifests": [
                 {"mode": "splitzip", "rank": 0, "num_blocks": 2, "raw_bytes": 2 * RAW_PER_BLOCK, "nonce": 5,
                  "index_addr": 4096}]}}
 

@@ -103,12 +103,15 @@ class SplitZipConnector(KVConnectorBase_V1):
         assert isinstance(meta, SplitZipConnectorMetadata)
         if self.worker.is_consumer:
             self.worker.start_load(meta)
+        if self.worker.is_producer:
+            self.worker.stream(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete (decoded into the cache) before the request is scheduled
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # prompt KV is encoded once, in wait_for_save of the step that completes it
+        if self.worker.is_producer:   # layer-wise transfers: this layer's pieces may be encoded now
+            self.worker.layer_saved(layer_name)
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()

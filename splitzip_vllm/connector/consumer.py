@@ -29,6 +29,7 @@ from .kv_layout import KVLayout, PiecePlan, coalesce, piece_ranges
 from .loads import INDEX_POLL_S, Load, LoadError, Source, check_tp
 from .metadata import RecvRequest, RemoteInfo
 from .peers import PeerBook, PeerUnavailableError
+from .mailbox import MAILBOX_PIECE, MailboxRefusedError, find_entry, probe_range
 from .piece_index import ENTRY_BYTES, HEADER_BYTES, INDEX_PIECE, IndexRevokedError, parse_index
 
 logger = logging.getLogger("splitzip_vllm.connector")
@@ -115,19 +116,23 @@ class Consumer:
         check_tp(p_size, d_size, heads)
         hp, hd = heads // p_size, heads // d_size
         lo, hi = self.tp_rank * hd, (self.tp_rank + 1) * hd
-        if not remote.manifests or len(remote.manifests) != p_size:
+        if not remote.transfer_id and (not remote.manifests or len(remote.manifests) != p_size):
             raise LoadError(f"prefill published {len(remote.manifests or [])} KV manifests for TP size {p_size}")
-        n = req.skip_blocks + len(req.local_block_ids)
         out = []
         for p in range(lo // hp, (hi - 1) // hp + 1):
-            m = Manifest.from_dict(remote.manifests[p])
             readers = max(1, d_size // p_size)
-            plan = PiecePlan(len(self.layout.layers), hp, n, remote.blocks_per_piece)
-            src = Source(p, m, plan, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
-                          self.tp_rank % readers, readers)
-            src.todo = set(plan.wanted(src.head_lo, src.head_hi, req.skip_blocks))
+            src = Source(p, None, None, max(lo, p * hp) - p * hp, min(hi, (p + 1) * hp) - p * hp, p * hp - lo,
+                         self.tp_rank % readers, readers)
+            if not remote.transfer_id:   # layer-wise: from the mailbox, once prefill has published
+                self._plan(req, src, Manifest.from_dict(remote.manifests[p]), remote.blocks_per_piece)
             out.append(src)
         return out
+
+    def _plan(self, req: RecvRequest, src: Source, manifest: Manifest, bpp: int) -> None:
+        n = req.skip_blocks + len(req.local_block_ids)
+        src.manifest = manifest
+        src.plan = PiecePlan(len(self.layout.layers), self.total_heads // req.remote.tp_size, n, bpp)
+        src.todo = set(src.plan.wanted(src.head_lo, src.head_hi, req.skip_blocks))
 
     # ---- every step ------------------------------------------------------------------------------------------
     def poll(self) -> tuple[set[str], set[str]]:
@@ -185,17 +190,62 @@ class Consumer:
                 if src.peer is None:
                     continue
                 load.progress = time.monotonic()
-                n = load.req.skip_blocks + len(load.req.local_block_ids)
-                if src.manifest.num_blocks != n:   # checked after the handshake, which names a setting mismatch
-                    raise LoadError(f"block count mismatch: prefill rank {src.rank} published "
-                                    f"{src.manifest.num_blocks} blocks, decode has {load.req.skip_blocks} cached + "
-                                    f"{len(load.req.local_block_ids)} to fill")
+                if src.manifest is not None:   # checked after the handshake, which names a setting mismatch
+                    self._check_blocks(load, src)
+            if src.manifest is None and not self._advance_mailbox(load, src):
+                continue
             if src.manifest.mode == "direct":
                 self._advance_direct(load, src)
             elif src.manifest.mode == "splitzip":
                 self._advance_pieces(load, src)
             else:
                 raise LoadError(f"unknown manifest mode {src.manifest.mode!r}")
+
+    @staticmethod
+    def _check_blocks(load: Load, src: Source) -> None:
+        n = load.req.skip_blocks + len(load.req.local_block_ids)
+        if src.manifest.num_blocks != n:
+            raise LoadError(f"block count mismatch: prefill rank {src.rank} published {src.manifest.num_blocks} "
+                            f"blocks, decode has {load.req.skip_blocks} cached + {len(load.req.local_block_ids)} "
+                            "to fill")
+
+    # ---- layer-wise: the manifest from prefill's mailbox ---------------------------------------------------------
+    def _advance_mailbox(self, load: Load, src: Source) -> bool:
+        """READ the mailbox slots of the transfer until prefill has posted its entry; True once it has."""
+        remote = load.req.remote
+        if src.mailbox_read is not None:
+            handle, off, size = src.mailbox_read
+            if not self._done(handle):
+                return False
+            src.mailbox_read = None
+            self.transport.release(handle)
+            raw = self.landing[off:off + size].numpy().tobytes()
+            self.landing_alloc.free(off)
+            tag = transfer_tag(remote.engine_id, remote.transfer_id, src.rank, MAILBOX_PIECE, 0)
+            try:
+                found = find_entry(raw, tag, src.rank)
+            except MailboxRefusedError as e:
+                raise LoadError(str(e)) from None
+            if found is not None:
+                self._plan(load.req, src, *found)
+                self._check_blocks(load, src)
+                load.progress = time.monotonic()
+                return True
+        if time.monotonic() - src.last_index < src.index_every:
+            return False
+        start, size = probe_range(remote.transfer_id)
+        try:
+            off = self.landing_alloc.allocate(size)
+        except ArenaFullError:
+            return False
+        addr = src.peer.info.mailbox_addr + start
+        local = self.landing.data_ptr() + off
+        src.mailbox_read = (self._read(src, [(local, size)], "DRAM", [(addr, size)], "DRAM", b""), off, size)
+        src.last_index = time.monotonic()
+        src.index_every = min(2 * src.index_every, INDEX_POLL_S[1])
+        load.wire += size
+        self.stats.add(index_read_bytes=size)
+        return False
 
     # ---- compressed pieces -------------------------------------------------------------------------------------
     def _advance_pieces(self, load: Load, src: Source) -> None:
@@ -489,6 +539,8 @@ class Consumer:
         handles = [(h, (lambda e=ext: self._free_recv(e))) for h, ext, _ in src.reads]
         if src.index_read is not None:
             handles.append((src.index_read[0], lambda o=src.index_read[1]: self.landing_alloc.free(o)))
+        if src.mailbox_read is not None:
+            handles.append((src.mailbox_read[0], lambda o=src.mailbox_read[1]: self.landing_alloc.free(o)))
         if src.direct is not None and src.direct[0] is not None:
             handles.append((src.direct[0], lambda: None))
         if src.ticket_slot is not None:
@@ -502,6 +554,7 @@ class Consumer:
                 if src.direct is not None and handle is src.direct[0]:
                     pending.append(handle)   # a raw READ lands in the KV blocks themselves
         src.jobs, src.reads, src.index_read, src.direct, src.ticket_slot = [], [], None, None, None
+        src.mailbox_read = None
         return pending
 
     def _reap_zombies(self) -> None:

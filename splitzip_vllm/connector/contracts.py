@@ -11,6 +11,9 @@ Protocol version history (``PROTOCOL_VERSION``; peers with another version are r
   3: pieces (one KV head of one block of one layer) read on demand: decode asks for the pieces it needs
      (``Want``: its heads, the blocks it lacks), prefill encodes them into a bounded arena and lists them in
      a per-request piece index that decode polls; heterogeneous TP; typed structs.
+  4: layer-wise transfers (docs/LAYERWISE.md): a transfer named by the proxy (``splitzip_transfer``) is
+     published before prefill's forward pass, its manifest posted in a mailbox whose address the handshake
+     carries (``mailbox_addr``); notices name it by that id.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from typing import Union
 
 import msgspec
 
-PROTOCOL_VERSION = 3
-NOTIF_PREFIX = b"SZ3:"
+PROTOCOL_VERSION = 4
+NOTIF_PREFIX = b"SZ3:"   # unchanged in protocol 4: the messages did not change
 
 
 class LayerSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -50,6 +53,7 @@ class Handshake(msgspec.Struct, kw_only=True):
     agent_metadata: bytes
     mem_type: str
     device_id: int
+    mailbox_addr: int = 0                # prefill: layer-wise mailbox (mailbox.py); 0 on decode
 
 
 class Manifest(msgspec.Struct, kw_only=True):

@@ -140,12 +140,13 @@ class KVLayout:
     def __init__(self, kv_caches: dict[str, torch.Tensor], geo: KVGeometry):
         self.geo = geo
         self.layers: list[LayerKV] = []
-        seen: set[int] = set()
+        seen: dict[int, int] = {}
+        self._index: dict[str, int] = {}   # layer name (as save_kv_layer gives it) -> index into layers
         for name, t in kv_caches.items():
-            if t.data_ptr() in seen:
-                continue  # layers sharing one cache tensor appear more than once
-            seen.add(t.data_ptr())
-            self.layers.append(LayerKV(name, t, detect_layout(t, geo)))
+            if t.data_ptr() not in seen:   # layers sharing one cache tensor appear more than once
+                seen[t.data_ptr()] = len(self.layers)
+                self.layers.append(LayerKV(name, t, detect_layout(t, geo)))
+            self._index[name] = seen[t.data_ptr()]
         if not self.layers:
             raise LayoutError("vLLM registered no KV cache tensors")
         kinds = {l.kind for l in self.layers}
@@ -158,6 +159,9 @@ class KVLayout:
         self.kind = self.layers[0].kind
         self.dtype, self.device = t0.dtype, t0.device
         self.element_size = t0.element_size()
+
+    def index_of(self, layer_name: str) -> int | None:
+        return self._index.get(layer_name)
 
     @property
     def piece_order(self) -> str:

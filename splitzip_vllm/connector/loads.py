@@ -20,8 +20,8 @@ class LoadError(RuntimeError):
 @dataclass
 class Source:
     rank: int                       # prefill TP rank
-    manifest: Manifest
-    plan: PiecePlan
+    manifest: Manifest | None       # None until a layer-wise transfer's mailbox entry is found
+    plan: PiecePlan | None
     head_lo: int                    # prefill-local heads read from this rank
     head_hi: int
     head_shift: int                 # decode-local head = prefill-local head + head_shift
@@ -32,6 +32,7 @@ class Source:
     peer: Peer | None = None
     asked: bool = False
     index_read: tuple | None = None   # (handle, landing offset, first entry, entries)
+    mailbox_read: tuple | None = None  # (handle, landing offset, bytes)
     last_index: float = 0.0
     index_every: float = INDEX_POLL_S[0]
     reads: list = field(default_factory=list)     # (handle, extent, [(piece, offset, length)])

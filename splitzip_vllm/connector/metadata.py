@@ -20,6 +20,7 @@ class RemoteInfo:
     block_ids: list[int]
     manifests: list[dict[str, Any]] | None   # one per prefill TP rank, see contracts.Manifest
     blocks_per_piece: int = 1
+    transfer_id: str = ""    # layer-wise: the proxy's id; manifests come from prefill's mailbox (mailbox.py)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RecvRequest:
 class SplitZipConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, once per engine step."""
     reqs_to_encode: dict[str, list[int]] = field(default_factory=dict)    # prefill: req -> block ids
+    transfer_ids: dict[str, str] = field(default_factory=dict)            # prefill: layer-wise req -> transfer id
     reqs_to_recv: dict[str, RecvRequest] = field(default_factory=dict)    # decode: loads to start
     reqs_to_release: dict[str, RemoteInfo] = field(default_factory=dict)  # decode: nothing to read, free P
     reqs_not_sent: set[str] = field(default_factory=set)                  # prefill: aborted, drop its payload

@@ -22,12 +22,17 @@ from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
 from .binding import TicketTable, TicketTableFullError, new_nonce, transfer_tag
 from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, decode_notification
 from .kv_layout import KVLayout, PiecePlan
+from .mailbox import MAILBOX_PIECE, Mailbox, MailboxFullError
 from .piece_index import INDEX_PIECE, IndexArena
 
 logger = logging.getLogger("splitzip_vllm.connector")
 
 SEND_TICKET_SLOTS = 1 << 16     # raw requests published at once (512 KiB of host memory)
 BATCH_RAW_BYTES = 2 << 20       # the encoder fills the arena in batches of about this much KV
+
+
+class _NotStreamable(RuntimeError):
+    pass
 
 
 def _align(x: int) -> int:
@@ -40,6 +45,11 @@ class _Send:
     mode: str
     block_ids: list[int]
     plan: PiecePlan
+    name: str = ""                                # the transfer's name on the wire (tags, notices): rid, or the
+                                                  # proxy's transfer id in layer-wise mode
+    saved: set[int] | None = None                 # layer-wise: layers whose KV the forward pass has written
+    layer_events: dict[int, object] = field(default_factory=dict)   # layer-wise on GPU: event after each layer
+    slot: int | None = None                       # layer-wise: mailbox slot
     nonce: int = 0
     index_off: int | None = None
     ticket_slot: int | None = None
@@ -65,7 +75,10 @@ class Producer:
         self.arena_alloc = ExtentAllocator(arena_bytes)
         self.index = IndexArena(index_bytes_)
         self.tickets = TicketTable(SEND_TICKET_SLOTS)
+        self.mailbox = Mailbox()
         self._sends: dict[str, _Send] = {}
+        self._names: dict[str, str] = {}       # wire name -> request id (layer-wise transfers)
+        self._gated: list[_Send] = []           # layer-wise sends whose forward pass runs in this step
         self._finished: set[str] = set()
         self._cv = threading.Condition()
         self._stop = False
@@ -80,39 +93,54 @@ class Producer:
         mem = "DRAM" if self.layout.device.type == "cpu" else "VRAM"
         return [(self.arena.data_ptr(), self.arena.numel(), mem),
                 (self.index.base, self.index.buffer.numel(), "DRAM"),
-                (self.tickets.address(0), self.tickets.buffer.nbytes, "DRAM")]
+                (self.tickets.address(0), self.tickets.buffer.nbytes, "DRAM"),
+                (self.mailbox.base, self.mailbox.buffer.numel(), "DRAM")]
 
     # ---- engine thread ---------------------------------------------------------------------------------
-    def publish(self, rid: str, block_ids: list[int], plan: PiecePlan) -> Manifest:
+    def publish(self, rid: str, block_ids: list[int], plan: PiecePlan, transfer_id: str = "") -> Manifest:
+        """Whole-request mode (called after the forward pass that completed the prompt): returns the manifest
+        for ``kv_transfer_params``. Layer-wise (``transfer_id``, called before that forward pass): pieces wait
+        for :meth:`layer_saved`, and the manifest goes into the mailbox under ``transfer_id``."""
+        if transfer_id:
+            return self._publish_layerwise(rid, block_ids, plan, transfer_id)
+        return self._publish(rid, block_ids, plan, rid)
+
+    def _publish(self, rid: str, block_ids: list[int], plan: PiecePlan, name: str,
+                 gated: bool = False) -> Manifest:
         raw = len(block_ids) * self.layout.block_bytes
         self.stats.add(num_encoded=1)
         reason = ""
         if self.backend is None:
             reason = f"dtype {self.layout.dtype} is carried raw"
-        elif not self.policy.decide():
+        elif not gated and not self.policy.decide():   # layer-wise always streams through the arena
             reason = f"compression policy: {self.policy.describe()}"
         with self._cv:
             if not reason:
                 nonce = new_nonce()
                 try:
-                    off = self.index.publish(plan.count, transfer_tag(self.engine_id, rid, self.tp_rank,
+                    off = self.index.publish(plan.count, transfer_tag(self.engine_id, name, self.tp_rank,
                                                                       INDEX_PIECE, nonce))
                 except ArenaFullError as e:
                     reason = f"piece index memory full ({e}); sending raw"
                     self.stats.add(num_arena_fallbacks=1)
                 else:
-                    send = self._sends[rid] = _Send(rid, "splitzip", block_ids, plan, nonce=nonce, index_off=off)
+                    send = self._sends[rid] = _Send(rid, "splitzip", block_ids, plan, name=name, nonce=nonce,
+                                                    index_off=off, saved=set() if gated else None)
                     # start encoding before decode asks (most decodes want every piece): the Want then finds
                     # them ready; arena use for this is capped so asked-for pieces always find room
                     send.spec.extend(range(plan.count))
-                    if self.layout.device.type == "cuda":
+                    if gated:
+                        self._gated.append(send)
+                    elif self.layout.device.type == "cuda":
                         send.ready = torch.cuda.Event()
                         send.ready.record(torch.cuda.current_stream(self.layout.device))
                     self._rr.append(rid)
                     self._cv.notify_all()
                     return Manifest(mode="splitzip", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
                                     nonce=nonce, index_addr=self.index.base + off)
-            send = _Send(rid, "direct", block_ids, plan)
+            if gated:   # layer-wise streams through the arena only
+                raise _NotStreamable(reason)
+            send = _Send(rid, "direct", block_ids, plan, name=name)
             self._sends[rid] = send
             self.stats.add(num_direct=1)
             try:
@@ -122,6 +150,48 @@ class Producer:
                                 reason=f"{reason}; no ticket: {e}")
             return Manifest(mode="direct", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=raw,
                             reason=reason, ticket=(self.tickets.address(send.ticket_slot), value))
+
+    def _publish_layerwise(self, rid: str, block_ids: list[int], plan: PiecePlan, transfer_id: str) -> Manifest:
+        tag = transfer_tag(self.engine_id, transfer_id, self.tp_rank, MAILBOX_PIECE, 0)
+        try:
+            m = self._publish(rid, block_ids, plan, transfer_id, gated=True)
+        except _NotStreamable as e:   # say so in the mailbox: decode fails the load at once and recomputes
+            logger.warning("SplitZipConnector: request %s cannot stream layer-wise: %s", rid, e)
+            m = None
+        with self._cv:
+            try:
+                slot = self.mailbox.post(transfer_id, tag, m, plan.bpp)
+            except MailboxFullError as e:
+                logger.warning("SplitZipConnector: %s; decode will time out and recompute", e)
+                slot = None
+            if rid in self._sends:
+                self._sends[rid].slot = slot
+                self._names[transfer_id] = rid
+        return m or Manifest(mode="none", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=0)
+
+    def layer_saved(self, layers: list[int]) -> None:
+        """Engine thread, layer-wise: the forward pass has written these layers' KV for this step's sends (GPU:
+        queued on the current stream; the encoder's stream waits for an event recorded here)."""
+        if not self._gated:
+            return
+        event = None
+        if self.layout.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.layout.device))
+        with self._cv:
+            for send in self._gated:
+                for layer in layers:
+                    send.saved.add(layer)
+                    if event is not None:
+                        send.layer_events[layer] = event
+            self._cv.notify_all()
+
+    def step_saved(self) -> None:
+        """Engine thread, after the forward pass: every layer of this step's layer-wise sends is written (also
+        the layers the model did not report through ``save_kv_layer``)."""
+        if self._gated:
+            self.layer_saved(list(range(len(self.layout.layers))))
+            self._gated = []
 
     def drop(self, rid: str) -> None:
         """Unpublish: zero the ticket and the piece index, free the arena. Runs before the request is reported
@@ -135,6 +205,9 @@ class Producer:
                 self.tickets.revoke(send.ticket_slot)
             if send.index_off is not None:
                 self.index.revoke(send.index_off)
+            if send.slot is not None:
+                self.mailbox.clear(send.slot)
+            self._names.pop(send.name, None)
             for off in send.batches:
                 if off == self._encoding:   # the encoder thread is writing it: it frees it when done
                     continue
@@ -176,10 +249,10 @@ class Producer:
             self.policy.observe_transfer(msg.wire_bytes, msg.transfer_s, msg.raw_bytes, msg.decode_s)
             return
         if isinstance(msg, Heartbeat):
-            for rid in msg.request_ids:
-                self._renew(self._sends.get(rid), now)
+            for name in msg.request_ids:
+                self._renew(self._sends.get(self._names.get(name, name)), now)
             return
-        s = self._sends.get(msg.request_id)
+        s = self._sends.get(self._names.get(msg.request_id, msg.request_id))
         if s is None:
             return  # already freed: a late notice
         self._renew(s, now)
@@ -263,7 +336,7 @@ class Producer:
                 queue = s.spec if speculative else s.queue
                 while queue and queue[0] in s.encoded:
                     queue.popleft()
-                if queue:
+                if queue and self._encodable(s, queue[0]):
                     return self._reserve(s, queue)
         return None
 
@@ -275,7 +348,7 @@ class Producer:
         except ArenaFullError:
             return None
         pieces = []
-        while queue and len(pieces) < n:
+        while queue and len(pieces) < n and self._encodable(s, queue[0]):
             p = queue.popleft()
             if p not in s.encoded:
                 pieces.append(p)
@@ -286,6 +359,11 @@ class Producer:
             s.piece_batch[p] = off
         self.stats.add(arena_alloc_bytes=self.arena_alloc.size_of(off))
         return s, pieces, off, cap1
+
+    @staticmethod
+    def _encodable(s: _Send, piece: int) -> bool:
+        """Layer-wise: only pieces of layers the forward pass has written (queues run in layer order)."""
+        return s.saved is None or s.plan.coords(piece)[0] in s.saved
 
     def _free_extent(self, off: int) -> None:
         self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
@@ -299,6 +377,9 @@ class Producer:
     def _encode_batch(self, s: _Send, pieces: list[int], off: int, cap1: int) -> None:
         if s.ready is not None:   # GPU: the encoder's stream waits for the forward pass that wrote this KV
             self._stream.wait_event(s.ready)
+        for layer in sorted({s.plan.coords(p)[0] for p in pieces}):   # layer-wise on GPU
+            if layer in s.layer_events:
+                self._stream.wait_event(s.layer_events[layer])
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             self._encode_pieces(s, pieces, off, cap1)
 
@@ -314,7 +395,7 @@ class Producer:
             regions = [v for b in s.plan.blocks(run) for v in self.layout.layers[layer].piece(s.block_ids[b], head)]
             regions = [r if r.is_contiguous() else r.contiguous() for r in regions]
             out = self.arena[cursor:cursor + cap1]
-            tag = transfer_tag(self.engine_id, s.rid, self.tp_rank, p, s.nonce)
+            tag = transfer_tag(self.engine_id, s.name, self.tp_rank, p, s.nonce)
             self.backend.encode_into(regions, code, codebook, self.chunk_log2, out, tag=tag)
             if pack:
                 n = parse_header(out[:HEADER_BYTES].numpy().tobytes()).payload_bytes
@@ -340,7 +421,7 @@ class Producer:
                 self.stats.add(arena_free_bytes=before - self.arena_alloc.size_of(off))
                 self._cv.notify_all()
             base = self.arena.data_ptr()
-            itag = transfer_tag(self.engine_id, s.rid, self.tp_rank, INDEX_PIECE, s.nonce)
+            itag = transfer_tag(self.engine_id, s.name, self.tp_rank, INDEX_PIECE, s.nonce)
             for p, (a, n) in zip(pieces, slots):
                 self.index.set_entry(s.index_off, p, base + a, n, itag)
             self.stats.add(encoded_wire_bytes=wire, encoded_raw_bytes=raw, encode_seconds=time.perf_counter() - t0)

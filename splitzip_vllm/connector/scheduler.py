@@ -28,10 +28,12 @@ def remote_info_from_params(params: dict[str, Any]) -> RemoteInfo:
     if block_ids and isinstance(block_ids[0], list):  # per KV-cache group (NIXL convention)
         block_ids = block_ids[0]
     sz = params.get("splitzip") or {}
+    transfer_id = str(sz.get("transfer") or "")   # layer-wise: prefill knows the transfer by this name only
     return RemoteInfo(engine_id=str(params["remote_engine_id"]), host=str(params["remote_host"]),
-                      port=int(params["remote_port"]), request_id=str(params["remote_request_id"]),
+                      port=int(params["remote_port"]), request_id=transfer_id or str(params["remote_request_id"]),
                       tp_size=int(params.get("tp_size") or 1), block_ids=[int(b) for b in block_ids],
-                      manifests=sz.get("manifests"), blocks_per_piece=int(sz.get("blocks_per_piece") or 1))
+                      manifests=sz.get("manifests"), blocks_per_piece=int(sz.get("blocks_per_piece") or 1),
+                      transfer_id=transfer_id)
 
 
 class SplitZipScheduler:
@@ -58,6 +60,7 @@ class SplitZipScheduler:
         self._reqs_to_release: dict[str, RemoteInfo] = {}
         self._reqs_not_sent: set[str] = set()
         self._reqs_to_encode: dict[str, list[int]] = {}
+        self._transfer_ids: dict[str, str] = {}   # layer-wise requests among _reqs_to_encode
         self._recving: set[str] = set()
         self._reqs_to_cancel: set[str] = set()
         self._heartbeat: dict[str, RemoteInfo] = {}
@@ -123,9 +126,13 @@ class SplitZipScheduler:
                 n_blocks = -(-req.num_prompt_tokens // self.block_size)
                 block_ids = list(self.kv_cache_manager.get_block_ids(rid)[0][:n_blocks])
                 self._reqs_to_encode[rid] = block_ids
+                transfer_id = (req.kv_transfer_params or {}).get("splitzip_transfer")
+                if transfer_id:   # layer-wise (docs/LAYERWISE.md): published before this step's forward pass
+                    self._transfer_ids[rid] = str(transfer_id)
                 self._encoded.add(rid)
                 del self._pending_encode[rid]
-        meta = SplitZipConnectorMetadata(reqs_to_encode=self._reqs_to_encode, reqs_to_recv=self._reqs_to_recv,
+        meta = SplitZipConnectorMetadata(reqs_to_encode=self._reqs_to_encode, transfer_ids=self._transfer_ids,
+                                         reqs_to_recv=self._reqs_to_recv,
                                          reqs_to_release=self._reqs_to_release,
                                          reqs_not_sent=self._reqs_not_sent, reqs_to_cancel=self._reqs_to_cancel)
         meta.idle_step = not any(scheduler_output.num_scheduled_tokens.values())
@@ -137,7 +144,7 @@ class SplitZipScheduler:
                 key = (info.engine_id, info.host, info.port)
                 by_engine.setdefault(key, (info, []))[1].append(info.request_id)
             meta.heartbeats = list(by_engine.values())
-        self._reqs_to_encode, self._reqs_to_recv = {}, {}
+        self._reqs_to_encode, self._reqs_to_recv, self._transfer_ids = {}, {}, {}
         self._reqs_to_release, self._reqs_not_sent, self._reqs_to_cancel = {}, set(), set()
         return meta
 

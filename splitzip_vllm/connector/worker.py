@@ -150,7 +150,8 @@ class SplitZipWorker:
             block_size=self.block_size, total_kv_heads=self.total_heads, head_size=lay.geo.head_size,
             layout=lay.kind, piece_order=lay.piece_order, element_size=lay.element_size,
             layers=[LayerSpec(*l.spec()) for l in lay.layers], agent_metadata=self.transport.metadata(),
-            mem_type=self.mem_type, device_id=self.device_id)
+            mem_type=self.mem_type, device_id=self.device_id,
+            mailbox_addr=self.producer.mailbox.base if self.producer is not None else 0)
 
     def _two_level(self) -> bool:
         """Prefill: whether its payloads may be EXP2L; decode: whether its codec reads EXP2L."""
@@ -206,13 +207,31 @@ class SplitZipWorker:
             logger.warning("SplitZipConnector: %s; continuing (allow_model_mismatch)", msg)
 
     # ---- prefill ------------------------------------------------------------------------------------------
+    def stream(self, meta: SplitZipConnectorMetadata) -> None:
+        """Layer-wise: publish the requests whose last prompt chunk runs in this step, before the forward pass;
+        their pieces are encoded as :meth:`layer_saved` reports each layer written (called from start_load_kv)."""
+        for rid, transfer_id in meta.transfer_ids.items():
+            block_ids = meta.reqs_to_encode[rid]
+            plan = PiecePlan(len(self.layout.layers), self.layout.geo.num_heads, len(block_ids), self.bpp)
+            manifest = self.producer.publish(rid, block_ids, plan, transfer_id)
+            self._new_manifests.setdefault(rid, {})[self.tp_rank] = manifest.to_dict()
+
+    def layer_saved(self, layer_name: str) -> None:
+        index = self.layout.index_of(layer_name)
+        if index is not None:
+            self.producer.layer_saved([index])
+
     def save(self, meta: SplitZipConnectorMetadata) -> None:
-        """Publish every request whose prompt completed this step (called from wait_for_save)."""
+        """Publish every request whose prompt completed this step (called from wait_for_save); layer-wise ones
+        were published before the forward pass, and are now complete."""
+        self.producer.step_saved()
         for rid in meta.reqs_not_sent:
             self.producer.drop(rid)
         for rid, block_ids in meta.reqs_to_encode.items():
             if self.cfg.kv_dump_dir:
                 self._dump_kv(rid, block_ids)
+            if rid in meta.transfer_ids:
+                continue
             plan = PiecePlan(len(self.layout.layers), self.layout.geo.num_heads, len(block_ids), self.bpp)
             manifest = self.producer.publish(rid, block_ids, plan)
             if manifest.mode != self._last_mode and self.cfg.compression == "auto":
