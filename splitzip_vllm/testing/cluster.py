@@ -161,6 +161,7 @@ class Proxy:
     log_dir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    side_channels: list[str] = field(default_factory=list)   # "host:port" per prefill: layer-wise mode
 
     @property
     def url(self) -> str:
@@ -174,6 +175,8 @@ class Proxy:
         dh, dp = split(self.decode)
         cmd = [sys.executable, str(REPO / "examples" / "proxy.py"), "--port", str(self.port),
                "--prefiller-hosts", *ph, "--prefiller-ports", *pp, "--decoder-hosts", *dh, "--decoder-ports", *dp]
+        if self.side_channels:
+            cmd += ["--transfer", "layerwise", "--prefiller-side-channels", *self.side_channels]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_dir / "proxy.log", "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
