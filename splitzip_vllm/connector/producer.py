@@ -50,6 +50,7 @@ class _Send:
     saved: set[int] | None = None                 # layer-wise: layers whose KV the forward pass has written
     layer_events: dict[int, object] = field(default_factory=dict)   # layer-wise on GPU: event after each layer
     slot: int | None = None                       # layer-wise: mailbox slot
+    consumed: int = 0                             # pieces decode has read (Consumed notices)
     nonce: int = 0
     index_off: int | None = None
     ticket_slot: int | None = None
@@ -79,6 +80,7 @@ class Producer:
         self._sends: dict[str, _Send] = {}
         self._names: dict[str, str] = {}       # wire name -> request id (layer-wise transfers)
         self._gated: list[_Send] = []           # layer-wise sends whose forward pass runs in this step
+        self._saved: list[_Send] = []           # ... whose forward pass just ended (overlap measured at poll)
         self._finished: set[str] = set()
         self._cv = threading.Condition()
         self._stop = False
@@ -190,8 +192,12 @@ class Producer:
         """Engine thread, after the forward pass: every layer of this step's layer-wise sends is written (also
         the layers the model did not report through ``save_kv_layer``)."""
         if self._gated:
+            with self._cv:   # pieces already encoded (the encoder's current batch not counted)
+                for s in self._gated:
+                    busy = s.batches.get(self._encoding, set())
+                    self.stats.add(lw_pieces=s.plan.count, lw_encoded_in_forward=len(s.encoded) - len(busy))
             self.layer_saved(list(range(len(self.layout.layers))))
-            self._gated = []
+            self._saved, self._gated = self._gated, []
 
     def drop(self, rid: str) -> None:
         """Unpublish: zero the ticket and the piece index, free the arena. Runs before the request is reported
@@ -231,6 +237,9 @@ class Producer:
                 msg = decode_notification(raw)
                 if msg is not None:
                     self._apply(msg, now)
+            for s in self._saved:   # decode's notices of what it read during the forward pass arrived by now
+                self.stats.add(lw_read_in_forward=s.consumed)
+            self._saved = []
             for rid in list(self._finished):
                 s = self._sends[rid]
                 if s.readers is not None and len(s.readers_done) >= s.readers:
@@ -280,6 +289,7 @@ class Producer:
         self._cv.notify_all()
 
     def _consumed(self, s: _Send, pieces: list[int]) -> None:
+        s.consumed += len(pieces)
         for p in pieces:
             off = s.piece_batch.pop(p, None)
             if off is None:

@@ -35,6 +35,12 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "arena_free_bytes": ("splitzip_arena_free_bytes", "Send-arena bytes released (read, expired or aborted)"),
     "recv_alloc_bytes": ("splitzip_recv_alloc_bytes", "Receive-buffer bytes reserved for payload READs"),
     "recv_free_bytes": ("splitzip_recv_free_bytes", "Receive-buffer bytes released (decoded or abandoned)"),
+    "lw_pieces": ("splitzip_layerwise_pieces", "Layer-wise transfers (prefill): pieces published"),
+    "lw_encoded_in_forward": ("splitzip_layerwise_encoded_in_forward",
+                              "Layer-wise (prefill): pieces encoded while the forward pass was still running"),
+    "lw_read_in_forward": ("splitzip_layerwise_read_in_forward",
+                           "Layer-wise (prefill): pieces decode had read by the end of the forward pass's step "
+                           "(the transfer hidden behind prefill)"),
 }
 
 
