@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import pytest
@@ -67,6 +71,23 @@ def backend(spec: str, device: str = "cpu") -> Iterator:
 
 def api_name(spec: str) -> str:
     return "cpu" if spec == "cpu-scalar" else spec
+
+
+def run_under_interpreter(test_file: str, *pytest_args: str, timeout: int = 900) -> None:
+    """Run pytest on ``test_file`` in a child process with ``TRITON_INTERPRET=1`` set before triton is imported
+    (``triton.jit`` fixes compiled vs interpreted when a function is decorated, so a session that imported triton
+    compiled cannot switch); fail with the child's output."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        pytest.skip("triton is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
+                        *pytest_args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-5000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

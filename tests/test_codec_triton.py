@@ -17,14 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _codec_util import Canary, bits, to_v1, top_codebook, with_fields
+from _codec_util import Canary, bits, run_under_interpreter, to_v1, top_codebook, with_fields
 from splitzip_vllm.codec import Codebook, PayloadError, available_backends, decode, encode, get_backend
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends import triton_backend as TB
@@ -54,17 +52,7 @@ def _only_under_interpreter(request):
 def test_run_under_interpreter():
     if IN_PROCESS:
         pytest.skip("running in-process already")
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        pytest.skip("triton is not installed")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"interpreter run failed:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-5000:]
+    run_under_interpreter(__file__)
 
 
 @pytest.fixture(params=["gpu_tiles", "interp_tiles"])

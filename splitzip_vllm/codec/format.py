@@ -104,7 +104,7 @@ class Status(enum.IntEnum):
     SEC_COUNT = 31         # a secondary count exceeds its chunk length
     SEC_BYTES = 32         # the secondary counts need another number of bytes than sec_bytes (aux = their need)
     SEC_MARKERS = 33       # a chunk holds another number of marker codes than its count (aux = the chunk)
-    MODE_UNSUPPORTED = 34  # a valid EXP2L payload given to a backend without EXP2L kernels (cuda, triton)
+    MODE_UNSUPPORTED = 34  # a valid EXP2L payload given to a backend without EXP2L kernels (cuda)
 
 
 # FORMAT.md §6 steps 1-3, the header alone
@@ -339,11 +339,6 @@ class Header:
                   bytes(self.ext)]
         fields[8] = zlib.crc32(_HEADER.pack(*fields)) & 0xFFFFFFFF
         return _HEADER.pack(*fields)
-
-
-def mode_unsupported_message(backend: str) -> str:
-    """Why a backend without EXP2L refuses an EXP2L payload (its encoder never writes one, FORMAT.md §5)."""
-    return status_message(Status.MODE_UNSUPPORTED, backend=backend)
 
 
 def tag_mismatch_message(version: int, tag: int, expected: int) -> str:

@@ -116,25 +116,49 @@ def _put(v, k, off: tl.constexpr, size: tl.constexpr, val):
 
 
 @triton.jit
-def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_esc, body, ck_a, ck_b, tag,
-                  HAS_CB: tl.constexpr):
-    """Write the 96 header bytes (FORMAT.md §1, version 2) including the transfer tag and the CRC-32, from one
-    program (128 lanes, the last 32 masked off).
-
-    ``exp4`` is a scalar flag; RAW headers zero the coding fields; ``ext`` stays zero. The CRC is affine in the
-    message bits: crc32(m) = crc32(0^96) ^ XOR over set bits (i, j) of dtab[i*8 + j]; dtab[768] = crc32(0^96).
-    ``tag`` is the u64 transfer tag as a two's-complement int64.
-    """
-    k = tl.arange(0, 128).to(tl.int64)
-    inside = k < HEADER_BYTES
-    zero = tl.zeros([128], tl.int64)
-    v = zero
+def _header_base(k, dtype_code, n, n_esc, body, ck_a, ck_b, tag):
+    """Header byte values (lanes ``k`` = byte offsets) of the fields every mode writes: magic, version, dtype,
+    counts, checksums, transfer tag (a two's-complement int64); the mode fields are left 0."""
+    v = tl.zeros([128], tl.int64)
     v = tl.where(k == 0, 0x53, v)
     v = tl.where(k == 1, 0x5A, v)
     v = tl.where(k == 2, 0x4B, v)
     v = tl.where(k == 3, 0x56, v)
     v = tl.where(k == 4, FORMAT_VERSION, v)
     v = tl.where(k == 5, dtype_code, v)
+    v = _put(v, k, 32, 8, n)
+    v = _put(v, k, 40, 8, n_esc)
+    v = _put(v, k, 48, 8, body)
+    v = _put(v, k, 56, 4, ck_a)
+    v = _put(v, k, 60, 4, ck_b)
+    v = _put(v, k, 64, 8, tag.to(tl.int64))
+    return v
+
+
+@triton.jit
+def _seal_header(out, dtab, k, v):
+    """Store the 96 header bytes ``v`` (lanes ``k``, 128 of them, the last 32 masked off) with their CRC-32.
+
+    The CRC is affine in the message bits: crc32(m) = crc32(0^96) ^ XOR over set bits (i, j) of dtab[i*8 + j];
+    dtab[768] = crc32(0^96)."""
+    inside = k < HEADER_BYTES
+    j = tl.arange(0, 8)
+    bits = (v[:, None] >> j[None, :]) & 1
+    d = tl.load(dtab + k[:, None] * 8 + j[None, :], mask=inside[:, None], other=0)
+    crc = tl.reduce(tl.reduce(tl.where(bits != 0, d, 0), 1, _xor_combine), 0, _xor_combine)
+    crc = crc ^ tl.load(dtab + HEADER_BYTES * 8)
+    v = _put(v, k, 12, 4, crc)
+    tl.store(out + k, v.to(tl.uint8), mask=inside)
+
+
+@triton.jit
+def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_esc, body, ck_a, ck_b, tag,
+                  HAS_CB: tl.constexpr):
+    """Write the 96 header bytes (FORMAT.md §1, version 2) of a RAW or EXP4 payload, from one program.
+
+    ``exp4`` is a scalar flag; RAW headers zero the coding fields; ``ext`` stays zero."""
+    k = tl.arange(0, 128).to(tl.int64)
+    v = _header_base(k, dtype_code, n, n_esc, body, ck_a, ck_b, tag)
     if HAS_CB:
         # vector mask & scalar flag spelled with int32 (the interpreter mistypes the plain &)
         on = ((k >= 0).to(tl.int32) & exp4.to(tl.int32)) != 0
@@ -145,19 +169,18 @@ def _write_header(out, dtab, cbt, exp4, dtype_code, n_codes, chunk_log2, n, n_es
         cbm = on & (k >= 16) & (k < 32)
         cb = tl.load(cbt + 256 + (k - 16), mask=cbm, other=0).to(tl.int64)
         v = tl.where(cbm, cb, v)
-    v = _put(v, k, 32, 8, n)
-    v = _put(v, k, 40, 8, n_esc)
-    v = _put(v, k, 48, 8, body)
-    v = _put(v, k, 56, 4, ck_a)
-    v = _put(v, k, 60, 4, ck_b)
-    v = _put(v, k, 64, 8, tag.to(tl.int64))
-    j = tl.arange(0, 8)
-    bits = (v[:, None] >> j[None, :]) & 1
-    d = tl.load(dtab + k[:, None] * 8 + j[None, :], mask=inside[:, None], other=0)
-    crc = tl.reduce(tl.reduce(tl.where(bits != 0, d, 0), 1, _xor_combine), 0, _xor_combine)
-    crc = crc ^ tl.load(dtab + HEADER_BYTES * 8)
-    v = _put(v, k, 12, 4, crc)
-    tl.store(out + k, v.to(tl.uint8), mask=inside)
+    _seal_header(out, dtab, k, v)
+
+
+@triton.jit
+def _bf16_sums(x, idx):
+    """Checksum terms (FORMAT.md §4) of bfloat16 bit patterns ``x`` (int32, 0 on masked lanes) at element
+    indices ``idx``: (sum of bytes, sum of (k + 1) * byte mod 2^32), both int64."""
+    b_lo = (x & 0xFF).to(tl.int64)
+    b_hi = (x >> 8).to(tl.int64)
+    M32 = tl.full([], 4294967295, tl.int64)
+    w = (2 * idx + 1) & M32
+    return tl.sum(b_lo + b_hi, 0), tl.sum(w * b_lo + ((w + 1) & M32) * b_hi, 0) & M32
 
 
 # --------------------------------------------------------------------------------------------- RAW
@@ -210,95 +233,98 @@ def raw_header_kernel(out, dtab, sums, dtype_code, n, nb, tag):
 # --------------------------------------------------------------------------------------------- EXP4 encode
 
 @_jit
-def exp4_encode_pass1(x0, ptrs, starts, R, n, out, cbt, cnt, ck, off_codes,
+def exp4_encode_pass1(x0, ptrs, starts, R, n, out, cbt, cnt, ck, off_codes, skip,
                       MULTI: tl.constexpr, ALIGN: tl.constexpr, TILE: tl.constexpr):
-    """Per tile: sm bytes, packed 4-bit codes, escape count and checksum terms."""
-    t = tl.program_id(0)
-    n64 = n.to(tl.int64)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, n64)
-    idx = lo + tl.arange(0, TILE)
-    valid = idx < hi
-    x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN).to(tl.int32) & 0xFFFF
-    e = (x >> 7) & 0xFF
-    sm = ((x >> 8) & 0x80) | (x & 0x7F)
-    body = out + HEADER_BYTES
-    tl.store(body + idx, sm.to(tl.uint8), mask=valid)
-    code = tl.load(cbt + e)
-    esc = valid & (code == LUT_ESCAPE)
-    code = tl.where(valid & (code != LUT_ESCAPE), code, 0)
-    c_even, c_odd = tl.split(tl.reshape(code, [TILE // 2, 2]))
-    j = lo // 2 + tl.arange(0, TILE // 2)
-    tl.store(body + off_codes + j, (c_even | (c_odd << 4)).to(tl.uint8), mask=j < (n64 + 1) // 2)
-    tl.store(cnt + t, tl.sum(esc.to(tl.int32), 0))
-    b_lo = (x & 0xFF).to(tl.int64)
-    b_hi = (x >> 8).to(tl.int64)
-    tl.store(ck + 2 * t, tl.sum(b_lo + b_hi, 0))
-    M32 = tl.full([], 4294967295, tl.int64)
-    w = (2 * idx + 1) & M32
-    tl.store(ck + 2 * t + 1, tl.sum(w * b_lo + ((w + 1) & M32) * b_hi, 0) & M32)
+    """Per tile: sm bytes, packed 4-bit codes, escape count and checksum terms. Does nothing when the flag at
+    ``skip`` is non-zero: the two-level encoder launches the EXP4 and EXP2L kernels alike and lets the device-side
+    mode choice skip one of them (no host sync)."""
+    if tl.load(skip) == 0:
+        t = tl.program_id(0)
+        n64 = n.to(tl.int64)
+        lo = t.to(tl.int64) * TILE
+        hi = tl.minimum(lo + TILE, n64)
+        idx = lo + tl.arange(0, TILE)
+        valid = idx < hi
+        x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
+        x = x.to(tl.int32) & 0xFFFF
+        e = (x >> 7) & 0xFF
+        sm = ((x >> 8) & 0x80) | (x & 0x7F)
+        body = out + HEADER_BYTES
+        tl.store(body + idx, sm.to(tl.uint8), mask=valid)
+        code = tl.load(cbt + e)
+        esc = valid & (code == LUT_ESCAPE)
+        code = tl.where(valid & (code != LUT_ESCAPE), code, 0)
+        c_even, c_odd = tl.split(tl.reshape(code, [TILE // 2, 2]))
+        j = lo // 2 + tl.arange(0, TILE // 2)
+        tl.store(body + off_codes + j, (c_even | (c_odd << 4)).to(tl.uint8), mask=j < (n64 + 1) // 2)
+        tl.store(cnt + t, tl.sum(esc.to(tl.int32), 0))
+        ck_a, ck_b = _bf16_sums(x, idx)
+        tl.store(ck + 2 * t, ck_a)
+        tl.store(ck + 2 * t + 1, ck_b)
 
 
 @_jit
 def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n_tiles, n_chunks, chunk_log2,
-                      n_codes, off_codes, off_counts, off_pos, tag, MULTI: tl.constexpr, ALIGN: tl.constexpr,
+                      n_codes, off_codes, off_counts, off_pos, tag, skip, MULTI: tl.constexpr, ALIGN: tl.constexpr,
                       TILE: tl.constexpr):
     """Decide EXP4 vs RAW on the device from the escape total; then per tile either scatter its escapes (and
-    the chunk count when it starts a chunk) or copy its raw bytes. Program 0 writes the header and zero gaps."""
-    t = tl.program_id(0)
-    n64 = n.to(tl.int64)
-    n_esc = tl.load(incl + n_tiles - 1)
-    off_exp = (off_pos + 2 * n_esc + 15) // 16 * 16
-    body_len = off_exp + n_esc
-    exp4 = body_len < 2 * n64
-    body = out + HEADER_BYTES
-    if t == 0:
-        M32 = tl.full([], 4294967295, tl.int64)
-        a = tl.load(sums) & M32
-        b = tl.load(sums + 1) & M32
-        _write_header(out, dtab, cbt, exp4, 1, n_codes, chunk_log2, n64, tl.where(exp4, n_esc, 0),
-                      tl.where(exp4, body_len, 2 * n64), a, b, tag, True)
+    the chunk count when it starts a chunk) or copy its raw bytes. Program 0 writes the header and zero gaps.
+    Nothing when the flag at ``skip`` is non-zero (EXP2L chosen, see exp4_encode_pass1)."""
+    if tl.load(skip) == 0:
+        t = tl.program_id(0)
+        n64 = n.to(tl.int64)
+        n_esc = tl.load(incl + n_tiles - 1)
+        off_exp = (off_pos + 2 * n_esc + 15) // 16 * 16
+        body_len = off_exp + n_esc
+        exp4 = body_len < 2 * n64
+        body = out + HEADER_BYTES
+        if t == 0:
+            M32 = tl.full([], 4294967295, tl.int64)
+            a = tl.load(sums) & M32
+            b = tl.load(sums + 1) & M32
+            _write_header(out, dtab, cbt, exp4, 1, n_codes, chunk_log2, n64, tl.where(exp4, n_esc, 0),
+                          tl.where(exp4, body_len, 2 * n64), a, b, tag, True)
+            if exp4:
+                g = tl.arange(0, 16).to(tl.int64)
+                zero = tl.zeros([16], tl.uint8)
+                s1 = n64 + g
+                tl.store(body + s1, zero, mask=s1 < off_codes)
+                s2 = off_codes + (n64 + 1) // 2 + g
+                tl.store(body + s2, zero, mask=s2 < off_counts)
+                s3 = off_counts + 2 * n_chunks + g
+                tl.store(body + s3, zero, mask=s3 < off_pos)
+                s4 = off_pos + 2 * n_esc + g
+                tl.store(body + s4, zero, mask=s4 < off_exp)
+        lo = t.to(tl.int64) * TILE
+        hi = tl.minimum(lo + TILE, n64)
+        idx = lo + tl.arange(0, TILE)
+        valid = idx < hi
         if exp4:
-            g = tl.arange(0, 16).to(tl.int64)
-            zero = tl.zeros([16], tl.uint8)
-            s1 = n64 + g
-            tl.store(body + s1, zero, mask=s1 < off_codes)
-            s2 = off_codes + (n64 + 1) // 2 + g
-            tl.store(body + s2, zero, mask=s2 < off_counts)
-            s3 = off_counts + 2 * n_chunks + g
-            tl.store(body + s3, zero, mask=s3 < off_pos)
-            s4 = off_pos + 2 * n_esc + g
-            tl.store(body + s4, zero, mask=s4 < off_exp)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, n64)
-    idx = lo + tl.arange(0, TILE)
-    valid = idx < hi
-    if exp4:
-        c_t = tl.load(cnt + t)
-        k0 = tl.load(incl + t) - c_t
-        tpc = (1 << chunk_log2) // TILE
-        if t % tpc == 0:
-            last = tl.minimum(t + tpc, n_tiles) - 1
-            cc = tl.load(incl + last) - k0
-            chunk = t // tpc
-            tl.store(body + off_counts + 2 * chunk, (cc & 0xFF).to(tl.uint8))
-            tl.store(body + off_counts + 2 * chunk + 1, ((cc >> 8) & 0xFF).to(tl.uint8))
-        if c_t > 0:
+            c_t = tl.load(cnt + t)
+            k0 = tl.load(incl + t) - c_t
+            tpc = (1 << chunk_log2) // TILE
+            if t % tpc == 0:
+                last = tl.minimum(t + tpc, n_tiles) - 1
+                cc = tl.load(incl + last) - k0
+                chunk = t // tpc
+                tl.store(body + off_counts + 2 * chunk, (cc & 0xFF).to(tl.uint8))
+                tl.store(body + off_counts + 2 * chunk + 1, ((cc >> 8) & 0xFF).to(tl.uint8))
+            if c_t > 0:
+                x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
+                x = x.to(tl.int32) & 0xFFFF
+                e = (x >> 7) & 0xFF
+                esc = valid & (tl.load(cbt + e) == LUT_ESCAPE)
+                k = k0 + tl.cumsum(esc.to(tl.int32), 0) - 1
+                p = (idx & ((1 << chunk_log2) - 1)).to(tl.int32)
+                tl.store(body + off_pos + 2 * k, (p & 0xFF).to(tl.uint8), mask=esc)
+                tl.store(body + off_pos + 2 * k + 1, (p >> 8).to(tl.uint8), mask=esc)
+                tl.store(body + off_exp + k, e.to(tl.uint8), mask=esc)
+        else:
             x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
             x = x.to(tl.int32) & 0xFFFF
-            e = (x >> 7) & 0xFF
-            esc = valid & (tl.load(cbt + e) == LUT_ESCAPE)
-            k = k0 + tl.cumsum(esc.to(tl.int32), 0) - 1
-            p = (idx & ((1 << chunk_log2) - 1)).to(tl.int32)
-            tl.store(body + off_pos + 2 * k, (p & 0xFF).to(tl.uint8), mask=esc)
-            tl.store(body + off_pos + 2 * k + 1, (p >> 8).to(tl.uint8), mask=esc)
-            tl.store(body + off_exp + k, e.to(tl.uint8), mask=esc)
-    else:
-        x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
-        x = x.to(tl.int32) & 0xFFFF
-        bytes2 = tl.interleave(x & 0xFF, x >> 8).to(tl.uint8)
-        bidx = 2 * lo + tl.arange(0, 2 * TILE)
-        tl.store(body + bidx, bytes2, mask=bidx < 2 * hi)
+            bytes2 = tl.interleave(x & 0xFF, x >> 8).to(tl.uint8)
+            bidx = 2 * lo + tl.arange(0, 2 * TILE)
+            tl.store(body + bidx, bytes2, mask=bidx < 2 * hi)
 
 
 # --------------------------------------------------------------------------------------------- EXP4 decode
@@ -354,12 +380,9 @@ def exp4_decode_dense(payload, hb, y0, ptrs, starts, R, n, okp, ck, off_codes, M
     ok = (tl.load(okp) != 0).to(tl.int32)
     _scatter(y0, ptrs, starts, R, idx, x.to(tl.int16), (valid.to(tl.int32) & ok) != 0, lo, hi, tl.int16, MULTI,
              ALIGN)
-    b_lo = (x & 0xFF).to(tl.int64)
-    b_hi = (x >> 8).to(tl.int64)
-    tl.store(ck + 2 * t, tl.sum(b_lo + b_hi, 0))
-    M32 = tl.full([], 4294967295, tl.int64)
-    w = (2 * idx + 1) & M32
-    tl.store(ck + 2 * t + 1, tl.sum(w * b_lo + ((w + 1) & M32) * b_hi, 0) & M32)
+    ck_a, ck_b = _bf16_sums(x, idx)
+    tl.store(ck + 2 * t, ck_a)
+    tl.store(ck + 2 * t + 1, ck_b)
 
 
 @_jit
