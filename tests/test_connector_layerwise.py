@@ -148,3 +148,20 @@ def _span(transfer_id: str) -> tuple[int, int]:
     start, size = probe_range(transfer_id)
     return start, start + size
 
+
+
+def test_cpu_layers_are_encoded_inline_by_save_kv_layer():
+    """On a CPU KV cache the engine thread encodes a saved layer's pieces before save_kv_layer returns (the
+    encoder thread would share the model's core); they are in the piece index at once."""
+    fabric = Fabric()
+    prefill = Prefill(fabric, 0, 1)
+    prefill.publish("pre", [3, 7, 1], transfer_id="t-6")
+    send = prefill.producer._sends["pre"]
+    per_layer = send.plan.count // LAYERS
+    prefill.producer.close()              # no encoder thread: whatever gets encoded now, the engine thread did
+    prefill.producer.layer_saved([1], inline=True)
+    assert {send.plan.coords(p)[0] for p in send.encoded} == {1}
+    assert len(send.encoded) == per_layer and not prefill.producer._encoding   # done, nothing in flight
+    prefill.producer.step_saved()
+    assert prefill.stats.data["lw_encoded_in_forward"] == per_layer
+    assert prefill.stats.data["lw_pieces"] == send.plan.count

@@ -111,7 +111,9 @@ class SplitZipConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         if self.worker.is_producer:   # layer-wise transfers: this layer's pieces may be encoded now
-            self.worker.layer_saved(layer_name)
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, SplitZipConnectorMetadata)
+            self.worker.layer_saved(meta, layer_name)
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()

@@ -41,6 +41,7 @@ class SplitZipConnectorMetadata(KVConnectorMetadata):
     reqs_to_cancel: set[str] = field(default_factory=set)                 # decode: aborted while loading
     heartbeats: list[tuple[RemoteInfo, list[str]]] = field(default_factory=list)
     idle_step: bool = False   # no tokens scheduled: the engine is only waiting on transfers (see worker)
+    streamed: bool = False    # worker-side: this step's layer-wise requests are published (SplitZipWorker.stream)
 
 
 @dataclass

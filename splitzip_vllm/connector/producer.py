@@ -86,7 +86,7 @@ class Producer:
         self._stop = False
         self._rr: collections.deque[str] = collections.deque()   # round-robin over requests with pieces to encode
         self._stream = torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
-        self._encoding: int | None = None   # arena offset of the batch the encoder thread is writing
+        self._encoding: set[int] = set()    # arena offsets of batches being written (encoder or engine thread)
         self._thread = threading.Thread(target=self._encode_loop, name="splitzip-encoder", daemon=True)
         self._thread.start()
 
@@ -171,9 +171,10 @@ class Producer:
                 self._names[transfer_id] = rid
         return m or Manifest(mode="none", rank=self.tp_rank, num_blocks=len(block_ids), raw_bytes=0)
 
-    def layer_saved(self, layers: list[int]) -> None:
+    def layer_saved(self, layers: list[int], inline: bool = False) -> None:
         """Engine thread, layer-wise: the forward pass has written these layers' KV for this step's sends (GPU:
-        queued on the current stream; the encoder's stream waits for an event recorded here)."""
+        queued on the current stream; the encoder's stream waits for an event recorded here). ``inline`` (from
+        ``save_kv_layer``, CPU KV cache): encode them right here, see :meth:`_encode_now`."""
         if not self._gated:
             return
         event = None
@@ -187,6 +188,28 @@ class Producer:
                     if event is not None:
                         send.layer_events[layer] = event
             self._cv.notify_all()
+        if inline and self.layout.device.type == "cpu":
+            for send in list(self._gated):
+                self._encode_now(send, set(layers))
+
+    def _encode_now(self, s: _Send, layers: set[int]) -> None:
+        """CPU, engine thread, between two layers of the forward pass: encode these layers' pieces now. A CPU
+        server's encoder thread shares the model's core: encoding there during the forward pass slowed a
+        1k-token prefill 2.2x (0.5 Gbit/s) and 4.5x (unlimited link) in benchmarks/e2e_ttft_bench.py, far more
+        than the encode itself costs (GIL hand-offs between the thread's per-piece Python and the model thread
+        are the likely cause). Inline, the forward pass pays just the encode, and decode's READs of a layer
+        still overlap the layers after it."""
+        todo = collections.deque(p for p in s.spec if s.plan.coords(p)[0] in layers)
+        while True:
+            with self._cv:
+                while todo and todo[0] in s.encoded:
+                    todo.popleft()
+                if not todo or self._sends.get(s.rid) is not s:
+                    return
+                job = self._reserve(s, todo)
+            if job is None:
+                return   # arena full: the encoder thread takes the rest as space frees
+            self._run_job(job)
 
     def step_saved(self) -> None:
         """Engine thread, after the forward pass: every layer of this step's layer-wise sends is written (also
@@ -194,8 +217,8 @@ class Producer:
         if self._gated:
             with self._cv:   # pieces already encoded (the encoder's current batch not counted)
                 for s in self._gated:
-                    busy = s.batches.get(self._encoding, set())
-                    self.stats.add(lw_pieces=s.plan.count, lw_encoded_in_forward=len(s.encoded) - len(busy))
+                    busy = sum(len(s.batches.get(off, ())) for off in self._encoding)
+                    self.stats.add(lw_pieces=s.plan.count, lw_encoded_in_forward=len(s.encoded) - busy)
             self.layer_saved(list(range(len(self.layout.layers))))
             self._saved, self._gated = self._gated, []
 
@@ -215,7 +238,7 @@ class Producer:
                 self.mailbox.clear(send.slot)
             self._names.pop(send.name, None)
             for off in send.batches:
-                if off == self._encoding:   # the encoder thread is writing it: it frees it when done
+                if off in self._encoding:   # being written: the writer frees it when done
                     continue
                 self.stats.add(arena_free_bytes=self.arena_alloc.size_of(off))
                 self.arena_alloc.free(off)
@@ -318,17 +341,20 @@ class Producer:
                     job = self._next_batch()
                 if self._stop:
                     return
-            try:
-                self._encode_batch(*job)
-            except Exception:  # a failing encode must not kill the thread: decode times out and recomputes
-                logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
-                with self._cv:
-                    s, off = job[0], job[2]
-                    if self._encoding == off:
-                        self._encoding = None
-                        for p in s.batches.pop(off, ()):
-                            s.piece_batch.pop(p, None)
-                        self._free_extent(off)
+            self._run_job(job)
+
+    def _run_job(self, job) -> None:
+        try:
+            self._encode_batch(*job)
+        except Exception:  # a failing encode must not kill the thread or the engine: decode recomputes
+            logger.exception("SplitZipConnector: encoding request %s failed", job[0].rid)
+            with self._cv:
+                s, off = job[0], job[2]
+                if off in self._encoding:
+                    self._encoding.discard(off)
+                    for p in s.batches.pop(off, ()):
+                        s.piece_batch.pop(p, None)
+                    self._free_extent(off)
 
     def _next_batch(self):
         """(send, pieces, arena offset, capacity) of the next batch: pieces decode asked for first, round-robin
@@ -363,7 +389,7 @@ class Producer:
             if p not in s.encoded:
                 pieces.append(p)
         s.encoded.update(pieces)
-        self._encoding = off
+        self._encoding.add(off)
         s.batches[off] = set(pieces)
         for p in pieces:
             s.piece_batch[p] = off
@@ -421,7 +447,7 @@ class Producer:
         raw = sum(len(s.plan.blocks(s.plan.coords(p)[2])) for p in pieces) * self.layout.piece_bytes
         self.policy.observe_encode(raw, wire, time.perf_counter() - t0)
         with self._cv:
-            self._encoding = None
+            self._encoding.discard(off)
             if self._sends.get(s.rid) is not s:
                 self._free_extent(off)   # dropped while being encoded: drop() left this extent to the encoder
                 return

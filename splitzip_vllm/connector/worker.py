@@ -208,18 +208,24 @@ class SplitZipWorker:
 
     # ---- prefill ------------------------------------------------------------------------------------------
     def stream(self, meta: SplitZipConnectorMetadata) -> None:
-        """Layer-wise: publish the requests whose last prompt chunk runs in this step, before the forward pass;
-        their pieces are encoded as :meth:`layer_saved` reports each layer written (called from start_load_kv)."""
+        """Layer-wise: publish the requests whose last prompt chunk runs in this step; their pieces are encoded as
+        :meth:`layer_saved` reports each layer written. Called at the step's first ``save_kv_layer`` (vLLM calls
+        ``start_load_kv`` only after the forward pass when no load is synchronous), and from ``start_load_kv``
+        for models that never call ``save_kv_layer``; once per step."""
+        if meta.streamed:
+            return
+        meta.streamed = True
         for rid, transfer_id in meta.transfer_ids.items():
             block_ids = meta.reqs_to_encode[rid]
             plan = PiecePlan(len(self.layout.layers), self.layout.geo.num_heads, len(block_ids), self.bpp)
             manifest = self.producer.publish(rid, block_ids, plan, transfer_id)
             self._new_manifests.setdefault(rid, {})[self.tp_rank] = manifest.to_dict()
 
-    def layer_saved(self, layer_name: str) -> None:
+    def layer_saved(self, meta: SplitZipConnectorMetadata, layer_name: str) -> None:
+        self.stream(meta)
         index = self.layout.index_of(layer_name)
         if index is not None:
-            self.producer.layer_saved([index])
+            self.producer.layer_saved([index], inline=True)
 
     def save(self, meta: SplitZipConnectorMetadata) -> None:
         """Publish every request whose prompt completed this step (called from wait_for_save); layer-wise ones
