@@ -95,8 +95,10 @@ MODEL_ARGS = ["--layers", "32", "--heads", "8", "--kv-heads", "8", "--head-dim",
               "--intermediate", "512", "--max-pos", "16384"]
 KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2          # layers x (K,V) x kv heads x head_dim x bf16
 CONNECTORS = {"nixl": ("NixlConnector", None), "sz-always": ("SplitZipConnector", "always"),
-              "sz-auto": ("SplitZipConnector", "auto")}
-LABELS = {"nixl": "NixlConnector", "sz-always": "SplitZip always", "sz-auto": "SplitZip auto"}
+              "sz-auto": ("SplitZipConnector", "auto"), "sz-layerwise": ("SplitZipConnector", "always")}
+LABELS = {"nixl": "NixlConnector", "sz-always": "SplitZip always", "sz-auto": "SplitZip auto",
+          "sz-layerwise": "SplitZip layer-wise"}
+LAYERWISE = {"sz-layerwise"}   # proxy in --transfer layerwise mode (docs/LAYERWISE.md); compression "always"
 
 
 def log(msg: str) -> None:
@@ -138,6 +140,8 @@ class Net:
         for dev, addr in ((IF_R_P, R_P), (IF_R_D, R_D)):
             sh("ip", "addr", "add", f"{addr}/30", "dev", dev)
             sh("ip", "link", "set", dev, "up")
+        # the layer-wise proxy (root namespace) asks the prefill side channel, which listens on the KV address
+        sh("ip", "route", "add", f"{P_KV}/32", "via", P_CTL, "dev", IF_R_P)
 
     def set_rate(self, gbit: float | None) -> None:
         for ns, dev in ((NS_P, IF_P_KV), (NS_D, IF_D_KV)):
@@ -378,7 +382,8 @@ def run_connector(key: str, model: str, plan: Plan, logs: Path, net: Net, points
         d.start()
         p.wait_ready(900)
         d.wait_ready(900)
-        proxy = Proxy([p.url], [d.url], logs / key).start()
+        side = [f"{P_KV}:{p.side_port}"] if key in LAYERWISE else []
+        proxy = Proxy([p.url], [d.url], logs / key, side_channels=side).start()
         moved = (repin_workers(p, 0), repin_workers(d, 1)) if plan.repin else (0, 0)
         log(f"{key}: servers ready in {time.monotonic() - t0:.0f}s; proxy {proxy.url}; worker threads re-pinned "
             f"to their core: prefill {moved[0]}, decode {moved[1]}")
@@ -479,6 +484,10 @@ def measure_point(key: str, rate: float | None, length: int, plan: Plan, client:
                    "prefill_compressed_requests": enc - direct,
                    "arena_fallbacks": dp.get("vllm:splitzip_arena_fallbacks_total", 0.0),
                    "failed_transfers": dd.get("vllm:splitzip_failed_transfers_total", 0.0)})
+        lw = dp.get("vllm:splitzip_layerwise_pieces_total", 0.0)
+        if lw:   # layer-wise: share of the pieces encoded / read while prefill's forward pass ran
+            pt.update({"lw_encoded_in_forward": dp.get("vllm:splitzip_layerwise_encoded_in_forward_total", 0) / lw,
+                       "lw_read_in_forward": dp.get("vllm:splitzip_layerwise_read_in_forward_total", 0) / lw})
     else:
         nx = dd.get("vllm:nixl_xfer_time_seconds_count", 0.0)
         pt.update({"raw_bytes": dd.get("vllm:nixl_bytes_transferred_sum", 0.0),
@@ -552,13 +561,17 @@ def analyse(points: list[dict]) -> list[dict]:
             continue
         f = nx["xfer_s_per_req"] / nx["ttft_mean"]
         al, au = by.get(("sz-always", rate, length)), by.get(("sz-auto", rate, length))
+        lw = by.get(("sz-layerwise", rate, length))
         r = al.get("ratio") if al else None
         ceiling = 1 / (1 - f + f / r) if r else None
         p_nixl = prefill_compute(nx)
         row = {"rate_gbit": rate, "length": length, "f": f, "ratio": r, "ceiling": ceiling,
                "nixl_ttft_p50": nx["ttft_p50"], "nixl_xfer_s": nx["xfer_s_per_req"], "nixl_prefill_s": p_nixl}
         nx_norm = norm_ttft(nx, p_nixl)
-        for name, q in (("always", al), ("auto", au)):
+        if lw and al and lw.get("ttft_p50") and al.get("ttft_p50"):
+            row["layerwise_over_always"] = lw["ttft_p50"] / al["ttft_p50"]
+            row["layerwise_read_in_forward"] = lw.get("lw_read_in_forward")
+        for name, q in (("always", al), ("auto", au), ("layerwise", lw)):
             if q and q.get("ttft_p50"):
                 g = nx["ttft_p50"] / q["ttft_p50"]
                 row[f"{name}_ttft_p50"] = q["ttft_p50"]
@@ -567,7 +580,8 @@ def analyse(points: list[dict]) -> list[dict]:
                 row[f"gain_{name}_over_ceiling"] = g / ceiling if ceiling else None
             if q and q.get("decode_server_ttft_mean") and nx.get("decode_server_ttft_mean"):
                 row[f"handoff_gain_{name}"] = nx["decode_server_ttft_mean"] / q["decode_server_ttft_mean"]
-            qn = norm_ttft(q, p_nixl) if q else None
+            # layer-wise: decode's TTFT already contains the prefill it overlapped, so no same-prefill rebuild
+            qn = norm_ttft(q, p_nixl) if q and name != "layerwise" else None
             if qn and nx_norm:
                 row[f"norm_gain_{name}"] = nx_norm / qn
                 row[f"norm_gain_{name}_over_ceiling"] = nx_norm / qn / ceiling if ceiling else None
@@ -597,7 +611,8 @@ def tables(points: list[dict], rows: list[dict]) -> tuple[str, str]:
                      f"{q['load_after'][0]:.1f} |")
     h2 = ("| link | input | f (NIXL xfer / TTFT) | r | ceiling 1/(1-f+f/r) | gain always | gain always / ceiling | "
           "gain auto | gain auto / ceiling | auto compressed/direct | hand-off gain always | hand-off gain auto | "
-          "same-prefill gain always (/ ceiling) | same-prefill gain auto (/ ceiling) |\n|" + "---|" * 14)
+          "same-prefill gain always (/ ceiling) | same-prefill gain auto (/ ceiling) | gain layer-wise "
+          "(/ ceiling) | layer-wise / always TTFT | read during prefill |\n|" + "---|" * 17)
     lines2 = [h2]
     for r in rows:
         ad = (f"{r['auto_compressed']:.0f}/{r['auto_direct']:.0f}" if r.get("auto_compressed") is not None else "-")
@@ -606,7 +621,9 @@ def tables(points: list[dict], rows: list[dict]) -> tuple[str, str]:
                       f" | {fmt(r.get('gain_auto'))} | {fmt(r.get('gain_auto_over_ceiling'))} | {ad} | "
                       f"{fmt(r.get('handoff_gain_always'))} | {fmt(r.get('handoff_gain_auto'))} | "
                       f"{fmt(r.get('norm_gain_always'))} ({fmt(r.get('norm_gain_always_over_ceiling'))}) | "
-                      f"{fmt(r.get('norm_gain_auto'))} ({fmt(r.get('norm_gain_auto_over_ceiling'))}) |")
+                      f"{fmt(r.get('norm_gain_auto'))} ({fmt(r.get('norm_gain_auto_over_ceiling'))}) | "
+                      f"{fmt(r.get('gain_layerwise'))} ({fmt(r.get('gain_layerwise_over_ceiling'))}) | "
+                      f"{fmt(r.get('layerwise_over_always'))} | {fmt(r.get('layerwise_read_in_forward'))} |")
     return "\n".join(lines), "\n".join(lines2)
 
 
@@ -618,7 +635,7 @@ def plot(points: list[dict], rates: list[float | None], lengths: list[int], path
     xs = list(range(len(order)))
     n = len(lengths)
     fig, axes = plt.subplots(2, n, figsize=(max(6.0, 4.4 * n), 7.0), squeeze=False, sharex=True)
-    styles = (("nixl", "o-"), ("sz-always", "s-"), ("sz-auto", "^--"))
+    styles = (("nixl", "o-"), ("sz-always", "s-"), ("sz-auto", "^--"), ("sz-layerwise", "D-"))
     for col, length in enumerate(lengths):
         for key, style in styles:
             rows = [(x, q) for x, g in zip(xs, order) for q in points
