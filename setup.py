@@ -66,7 +66,9 @@ def _extensions():
                 depends=[_rel("csrc", "include", "splitzip", "format.h"), _rel("csrc", "cuda", "splitzip_cuda.h"),
                          _rel("csrc", "cuda", "splitzip_cuda_bits.cuh"),
                          _rel("csrc", "cuda", "splitzip_cuda_format.cuh"),
-                         _rel("csrc", "cuda", "splitzip_cuda_batch.cuh")],
+                         _rel("csrc", "cuda", "splitzip_cuda_batch.cuh"),
+                         _rel("csrc", "cuda", "splitzip_cuda_exp2l_enc.cuh"),
+                         _rel("csrc", "cuda", "splitzip_cuda_exp2l_dec.cuh")],
             )
         )
     elif want_cuda in ("1", "yes", "true", "on"):

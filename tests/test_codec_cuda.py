@@ -5,7 +5,8 @@ Skipped without a CUDA device or without the built extension. Checks: byte equal
 the RAW fallback and RAW dtypes; lists of (unaligned, ragged) regions and device pointer tables; decoding into
 views of a canary buffer; corrupted payloads give the reference decoder's PayloadError and never write outside
 the destination; encode / decode_into_async run without host synchronisation (sync-debug mode and CUDA-graph
-capture); a large multi-tile payload checked against the reference run on the GPU.
+capture); a large multi-tile payload checked against the reference run on the GPU; the same for EXP2L payloads
+(two-level codebooks, FORMAT.md §3a), whose corrupted payloads must fail before anything is written.
 The same checks run without a GPU on the CPU emulation of the kernels in tests/test_codec_cuda_emu.py.
 """
 from __future__ import annotations
@@ -15,11 +16,12 @@ import functools
 import pytest
 import torch
 
-from _codec_util import channel_kv_bf16
+from _codec_util import all_bf16_patterns, channel_kv_bf16, top_codebook
 from splitzip_vllm.codec import reference
 from splitzip_vllm.codec.backends.cuda_backend import CudaBackend, _IMPORT_ERROR
 from splitzip_vllm.codec.codebook import Codebook
-from splitzip_vllm.codec.format import HEADER_BYTES, Exp4Layout, PayloadError, encode_capacity, parse_header
+from splitzip_vllm.codec.format import (HEADER_BYTES, Exp2lLayout, Exp4Layout, PayloadError, encode_capacity,
+                                        parse_header)
 
 if not torch.cuda.is_available():
     pytest.skip("CUDA is not available (the CUDA codec needs a GPU)", allow_module_level=True)
@@ -358,3 +360,169 @@ def test_encode_batch_one_launch():
     for regs, tag, out, length in zip(layers, tags, outs, lens.tolist()):
         ref = reference.encode([r.cpu() for r in regs], BF16, BOOK, 12, tag)
         assert length == ref.numel() and torch.equal(out[:length].cpu(), ref)
+
+
+# ---- EXP2L (FORMAT.md §3a): two-level codebooks --------------------------------------------------------------------
+
+def cb22(x: torch.Tensor, k: int = 22) -> Codebook:
+    return top_codebook(x, k, two_level=True)
+
+
+def _mode(p: torch.Tensor) -> int:
+    return parse_header(p[:HEADER_BYTES].cpu().numpy().tobytes()).mode
+
+
+@pytest.mark.parametrize("chunk_log2", [8, 12, 15])
+def test_exp2l_all_bf16_patterns(chunk_log2):
+    pat = all_bf16_patterns()
+    pat = pat[torch.randperm(65536, generator=torch.Generator().manual_seed(chunk_log2))]
+    x = torch.cat([channel_kv_bf16(200000, seed=3, outliers=0.0), pat, channel_kv_bf16(200000, seed=4, outliers=0.0)])
+    cb = cb22(x)
+    assert _mode(check_roundtrip([x.to(DEV)], cb, chunk_log2)) == 2
+    check_roundtrip([pat.to(DEV)], cb, chunk_log2)  # alone: EXP2L loses, the fallback must match too
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 257, 1000, 4097, 8193, 30001, 262147])
+def test_exp2l_sizes_and_rates(n):
+    for rate in (0.0, 0.01, 0.2):
+        x = kv_like(n, seed=n, outliers=rate)
+        for cl in (8, 12, 15):
+            check_roundtrip([x], cb22(x), cl)
+            check_roundtrip([x], cb22(x, 9), cl)
+
+
+def test_exp2l_mode_choice():
+    """Codebooks of 4..22 exponents over data of several spreads: the mode (and bytes) are the reference's."""
+    g = torch.Generator().manual_seed(3)
+    modes = set()
+    for spread in (0.3, 1.0, 3.0, 8.0, None):  # None: flat over 16 exponents, where EXP4 wins
+        if spread is None:
+            e = 112 + torch.randint(0, 16, (50000,), generator=g, dtype=torch.int32)
+        else:
+            e = (120 + (torch.randn(50000, generator=g) * spread).round().clamp(-100, 100)).to(torch.int32)
+        sm = torch.randint(0, 256, (50000,), generator=g, dtype=torch.int32)
+        x = (((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)).to(torch.int16).view(torch.bfloat16)
+        for k in (4, 7, 8, 16, 22):
+            modes.add(_mode(check_roundtrip([x.to(DEV)], cb22(x, k), 12)))
+    assert modes == {0, 1, 2}
+
+
+def test_exp2l_multi_region_and_pointer_tables():
+    pages = [kv_like(16 * 576, seed=100 + i, outliers=0.005) for i in range(7)]  # tiles straddle pages
+    cb = cb22(torch.cat(pages))
+    assert _mode(check_roundtrip(pages, cb, 12)) == 2
+    big = kv_like(300000, seed=11, outliers=0.02)
+    cuts = [0, 1, 1, 9, 700, 701, 5000, 5003, 130000, 130000, 299999, 300000]
+    for cl in (9, 12, 15):
+        check_roundtrip([big[a:b] for a, b in zip(cuts[:-1], cuts[1:])], cb22(big), cl)
+    ptrs = torch.tensor([p.data_ptr() for p in pages], dtype=torch.int64, device=DEV)
+    n = sum(p.numel() for p in pages)
+    out = torch.empty(encode_capacity(n, 2), dtype=torch.uint8, device=DEV)
+    BE.encode_table_into(ptrs, None, pages[0].numel(), n, BF16, cb, 12, out)
+    length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
+    assert torch.equal(out[:length].cpu(), reference.encode([p.cpu() for p in pages], BF16, cb, 12))
+    dst = [torch.empty_like(p) for p in pages]
+    dptrs = torch.tensor([d.data_ptr() for d in dst], dtype=torch.int64, device=DEV)
+    st = BE.decode_table_into_async(out[:length], dptrs, None, pages[0].numel(), n, BF16)
+    BE.raise_for_status(st, out[:length], BF16, n)
+    assert all(torch.equal(a, b) for a, b in zip(dst, pages))
+
+
+def _cuda_verdict_untouched(payload: torch.Tensor, n: int) -> str | None:
+    """As _cuda_verdict; a payload failing a structural check must leave the destination untouched too."""
+    buf = torch.full((n,), 0x3C3C, dtype=torch.int16, device=DEV).view(torch.bfloat16)
+    status = BE.decode_into_async(payload.to(DEV), [buf], BF16)
+    try:
+        BE.raise_for_status(status, payload.to(DEV), BF16, n)
+    except PayloadError as e:
+        if "checksum" not in str(e):
+            assert bool((buf.view(torch.int16) == 0x3C3C).all()), f"a refused EXP2L decode wrote ({e})"
+        return str(e)
+    return None
+
+
+def test_exp2l_corrupted_payloads_match_reference_errors():
+    n = 9001
+    x = kv_like(n, seed=21, outliers=0.02).cpu()
+    payload = reference.encode([x], BF16, cb22(x, 12), 8)
+    hdr = parse_header(payload[:HEADER_BYTES].numpy().tobytes())
+    assert hdr.mode == 2 and hdr.n_escapes > 50
+    lay = Exp2lLayout.compute(n, 8, hdr.n_escapes, hdr.sec_bytes)
+    b = HEADER_BYTES
+    spans = [(0, b), (b, b + n), (b + lay.off_codes, b + lay.off_scounts), (b + lay.off_scounts, b + lay.off_sec),
+             (b + lay.off_sec, b + lay.off_counts), (b + lay.off_counts, b + lay.off_pos),
+             (b + lay.off_pos, b + lay.off_exp), (b + lay.off_exp, b + lay.body_bytes)]
+    g = torch.Generator().manual_seed(99)
+    for lo, hi in spans:
+        for _ in range(12):
+            p = payload.clone()
+            for _ in range(1 + int(torch.randint(0, 3, (1,), generator=g))):
+                k = int(torch.randint(lo, hi, (1,), generator=g))
+                p[k] ^= int(torch.randint(1, 256, (1,), generator=g))
+            want = _reference_verdict(p, BF16, n)
+            assert _cuda_verdict(p, BF16, n) == want, (lo, k)
+            assert _cuda_verdict_untouched(p, n) == want
+    for plen in (0, 63, 96, payload.numel() - 1):
+        assert _cuda_verdict(payload[:plen], BF16, n) == _reference_verdict(payload[:plen], BF16, n)
+    assert _cuda_verdict(payload, BF16, n) is None
+
+
+def test_exp2l_encode_batch_and_no_host_sync():
+    layers = [[kv_like(1 << 18, seed=i)] for i in range(3)] + [[kv_like(4096, seed=50 + j) for j in range(5)]]
+    layers += [[kv_like(3, seed=60)], [kv_like(9001, seed=61, outliers=0.6)]]
+    cb = cb22(torch.cat([r.reshape(-1) for regs in layers for r in regs]))
+    tags = list(range(1, len(layers) + 1))
+    outs = [torch.empty(encode_capacity(sum(r.numel() for r in regs), 2), dtype=torch.uint8, device=DEV)
+            for regs in layers]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lens = BE.encode_batch_into(layers, BF16, cb, 12, outs, tags)
+        y = torch.empty_like(layers[0][0])
+        status = BE.decode_into_async(outs[0], [y], BF16, tag=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for regs, tag, out, length in zip(layers, tags, outs, lens.tolist()):
+        ref = reference.encode([r.cpu() for r in regs], BF16, cb, 12, tag)
+        assert length == ref.numel() and torch.equal(out[:length].cpu(), ref)
+    assert _mode(outs[0]) == 2
+    BE.raise_for_status(status, outs[0], BF16, y.numel(), tag=1)
+    assert torch.equal(y, layers[0][0])
+
+
+def test_exp2l_graph_capture():
+    x = kv_like(1 << 20, seed=9)
+    cb = cb22(x)
+    out = torch.zeros(encode_capacity(x.numel(), 2), dtype=torch.uint8, device=DEV)
+    y = torch.empty_like(x)
+    dptr = torch.tensor([y.data_ptr()], dtype=torch.int64, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture
+        BE.encode_into([x], BF16, cb, 12, out)
+        BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        BE.encode_into([x], BF16, cb, 12, out)
+        st = BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
+    out.zero_()
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(st[0].item()) == 0 and torch.equal(y, x)
+    ref = reference.encode([x.cpu()], BF16, cb, 12)
+    assert _mode(ref) == 2 and torch.equal(out[:ref.numel()].cpu(), ref)
+
+
+def test_exp2l_large_multi_tile_matches_gpu_reference():
+    n = 48 * (1 << 20) + 12345  # thousands of tiles: both look-backs under real concurrency
+    x = kv_like(n, seed=13, outliers=0.002)
+    cb = cb22(x)
+    for cl in (12, 8, 15):
+        got = cuda_encode([x], BF16, cb, cl)
+        ref = reference.encode([x], BF16, cb, cl)  # the reference runs on the GPU tensors
+        assert _mode(got) == 2 and torch.equal(got, ref)
+        y = torch.empty_like(x)
+        BE.decode_into(got, [y], BF16)
+        assert torch.equal(y, x)

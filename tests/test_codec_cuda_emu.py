@@ -57,11 +57,12 @@ def lib(tmp_path_factory):
         pytest.fail(f"building the emulation library failed:\n{res.stderr[-4000:]}")
     so = ctypes.CDLL(str(out))
     P = ctypes.POINTER(SzRegions)
-    so.splitzip_cuda_encode.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+    so.splitzip_cuda_encode.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                         ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
                                         ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_encode_workspace_bytes.restype = ctypes.c_size_t
-    so.splitzip_cuda_encode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    so.splitzip_cuda_encode_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                        ctypes.c_int]
     so.splitzip_cuda_decode.argtypes = [ctypes.c_void_p, ctypes.c_uint64, P, ctypes.c_int, ctypes.c_uint64,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     so.splitzip_cuda_decode_workspace_bytes.restype = ctypes.c_size_t
@@ -117,11 +118,12 @@ def emu_encode(so, regions, dtype, codebook, chunk_log2, force_prefix=False, tag
     esize = regions[0].element_size() if regions else 2
     cap = encode_capacity(n, esize)
     out = aligned_empty(cap + 256, fill=0xA5)
-    wsb = so.splitzip_cuda_encode_workspace_bytes(n, dtype, 1 if codebook else 0, chunk_log2)
+    two = 1 if codebook is not None and codebook.two_level else 0  # as cuda_backend passes it
+    wsb = so.splitzip_cuda_encode_workspace_bytes(n, dtype, 1 if codebook else 0, two, chunk_log2)
     ws = aligned_empty(wsb + 256, fill=0x5A)
     cb = bytes(codebook.exponents) if codebook else None
-    rc = so.splitzip_cuda_encode(ctypes.byref(tb.s), dtype, cb, codebook.n_codes if codebook else 0, chunk_log2,
-                                 tag, out.data_ptr(), cap, ws.data_ptr(), wsb, None)
+    rc = so.splitzip_cuda_encode(ctypes.byref(tb.s), dtype, cb, codebook.n_codes if codebook else 0, two,
+                                 chunk_log2, tag, out.data_ptr(), cap, ws.data_ptr(), wsb, None)
     assert rc == 0, rc
     assert bool((out[cap:] == 0xA5).all()), "encode wrote past encode_capacity"
     assert bool((ws[wsb:] == 0x5A).all()), "encode wrote past its workspace"
@@ -360,17 +362,19 @@ def test_launcher_argument_checks(lib):
     tb = Table([x])
     cap = encode_capacity(1000, 2)
     out = aligned_empty(cap + 32)
-    wsb = lib.splitzip_cuda_encode_workspace_bytes(1000, BF16, 1, 12)
+    wsb = lib.splitzip_cuda_encode_workspace_bytes(1000, BF16, 1, 0, 12)
     ws = aligned_empty(wsb + 16)
     cb = bytes(BOOK.exponents)
-    args = (ctypes.byref(tb.s), BF16, cb, 16, 12, 0)
+    args = (ctypes.byref(tb.s), BF16, cb, 16, 0, 12, 0)
     assert lib.splitzip_cuda_encode(*args, out.data_ptr() + 1, cap, ws.data_ptr(), wsb, None) == -2
     assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap - 1, ws.data_ptr(), wsb, None) == -3
     assert lib.splitzip_cuda_encode(*args, out.data_ptr(), cap, ws.data_ptr(), wsb - 1, None) == -4
-    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), 9, cb, 16, 12, 0, out.data_ptr(), cap, ws.data_ptr(), wsb,
-                                    None) == -1
-    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 12, 0, out.data_ptr(), cap,
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), 9, cb, 16, 0, 12, 0, out.data_ptr(), cap, ws.data_ptr(),
+                                    wsb, None) == -1
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes([1, 1]), 2, 0, 12, 0, out.data_ptr(), cap,
                                     ws.data_ptr(), wsb, None) == -1
+    assert lib.splitzip_cuda_encode(ctypes.byref(tb.s), BF16, bytes(range(23)), 23, 1, 12, 0, out.data_ptr(), cap,
+                                    ws.data_ptr(), wsb, None) == -1  # at most 22 exponents
 
 
 TAGS = (1, 0x5A5A_0000_FFFF_1234, 2**63, 2**64 - 1)

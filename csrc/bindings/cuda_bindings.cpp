@@ -174,11 +174,12 @@ SzRegions table_from_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor
   return r;
 }
 
+// The codebook's exponents, most frequent first: up to 22 (EXP4 takes the first 16, EXP2L all, FORMAT.md §5).
 std::vector<uint8_t> codebook_bytes(const std::optional<std::vector<int64_t>>& codebook) {
   std::vector<uint8_t> cb;
   if (!codebook.has_value()) return cb;
-  if (codebook->size() > size_t(sz::kMaxCodes))
-    value_error("a codebook holds at most " + std::to_string(sz::kMaxCodes) + " exponents");
+  if (codebook->size() > size_t(sz::kMaxCodebook))
+    value_error("a codebook holds at most " + std::to_string(sz::kMaxCodebook) + " exponents");
   for (int64_t e : *codebook) {
     if (e < 0 || e > 255) value_error("codebook exponents must be 0..255");
     cb.push_back(uint8_t(e));
@@ -193,7 +194,7 @@ void check_out(const at::Tensor& out, const at::Device& dev) {
 
 void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
                  const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor& out,
-                 uint64_t tag) {
+                 uint64_t tag, bool two_level) {
   const int esize = elem_size_of(dtype_code);
   check_out(out, dev);
   const std::vector<uint8_t> cb = codebook_bytes(codebook);
@@ -201,14 +202,15 @@ void encode_impl(const SzRegions& r, const at::Device& dev, int64_t dtype_code,
   if (uint64_t(out.numel()) < cap)
     value_error("output buffer holds " + std::to_string(out.numel()) + " bytes, encode needs " +
                 std::to_string(cap));
-  const size_t ws_bytes =
-      splitzip_cuda_encode_workspace_bytes(r.n, int(dtype_code), cb.empty() ? 0 : 1, int(chunk_log2));
+  const size_t ws_bytes = splitzip_cuda_encode_workspace_bytes(r.n, int(dtype_code), cb.empty() ? 0 : 1,
+                                                              two_level ? 1 : 0, int(chunk_log2));
   const c10::cuda::CUDAStream cs = current_stream(dev);
   const cudaStream_t stream = cs.stream();
   at::Tensor ws = workspace(ws_bytes, dev, cs);
   record_on(out, cs);
   check_launch(splitzip_cuda_encode(&r, int(dtype_code), cb.empty() ? nullptr : cb.data(), int(cb.size()),
-                                    int(chunk_log2), tag, out.data_ptr<uint8_t>(), uint64_t(out.numel()),
+                                    two_level ? 1 : 0, int(chunk_log2), tag, out.data_ptr<uint8_t>(),
+                                    uint64_t(out.numel()),
                                     ws.data_ptr(), ws_bytes, stream),
                "splitzip cuda encode");
 }
@@ -247,23 +249,23 @@ at::Tensor decode_impl(const SzRegions& r, const at::Device& dev, const at::Tens
 
 void encode_regions(const std::vector<at::Tensor>& regions, int64_t dtype_code,
                     const std::optional<std::vector<int64_t>>& codebook, int64_t chunk_log2, at::Tensor out,
-                    uint64_t tag) {
+                    uint64_t tag, bool two_level) {
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const Table tb = table_from_list(regions, elem_size_of(dtype_code), dev);
   for (const at::Tensor& t : regions) record_on(t, current_stream(dev));
-  encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out, tag);
+  encode_impl(tb.r, dev, dtype_code, codebook, chunk_log2, out, tag, two_level);
 }
 
 void encode_ptrs(const at::Tensor& ptrs, const std::optional<at::Tensor>& prefix, int64_t region_elems,
                  int64_t n_elems, int64_t dtype_code, const std::optional<std::vector<int64_t>>& codebook,
-                 int64_t chunk_log2, at::Tensor out, uint64_t tag) {
+                 int64_t chunk_log2, at::Tensor out, uint64_t tag, bool two_level) {
   const at::Device dev = out.device();
   c10::cuda::CUDAGuard guard(dev);
   const SzRegions r = table_from_ptrs(ptrs, prefix, region_elems, n_elems, dev);
   record_on(ptrs, current_stream(dev));
   if (prefix.has_value()) record_on(*prefix, current_stream(dev));
-  encode_impl(r, dev, dtype_code, codebook, chunk_log2, out, tag);
+  encode_impl(r, dev, dtype_code, codebook, chunk_log2, out, tag, two_level);
 }
 
 at::Tensor decode_regions(const at::Tensor& payload, int64_t payload_len, const std::vector<at::Tensor>& regions,
@@ -340,13 +342,15 @@ at::Tensor encode_batch(const std::vector<std::vector<at::Tensor>>& items, int64
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SplitZip-KV CUDA codec (FORMAT.md v2; decodes v1 too); no host synchronization";
   m.def("encode", &encode_regions, py::arg("regions"), py::arg("dtype_code"), py::arg("codebook"),
-        py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0,
+        py::arg("chunk_log2"), py::arg("out"), py::arg("tag") = 0, py::arg("two_level") = false,
         "Encode the concatenation of CUDA `regions` into `out` (uint8, >= encode_capacity bytes, 16-byte "
-        "aligned) on the current stream, bound to transfer `tag` (u64). `codebook`: list of exponents or None "
-        "(RAW). The length is in the device-side header.");
+        "aligned) on the current stream, bound to transfer `tag` (u64). `codebook`: list of up to 22 exponents "
+        "(most frequent first) or None (RAW); `two_level` allows EXP2L (FORMAT.md §5, chosen on the device). The "
+        "length is in the device-side header.");
   m.def("encode_ptrs", &encode_ptrs, py::arg("ptrs"), py::arg("prefix"), py::arg("region_elems"),
         py::arg("n_elems"), py::arg("dtype_code"), py::arg("codebook"), py::arg("chunk_log2"), py::arg("out"),
-        py::arg("tag") = 0, "encode() over a device table of region base addresses (int64 CUDA tensor) with uniform region_elems "
+        py::arg("tag") = 0, py::arg("two_level") = false,
+        "encode() over a device table of region base addresses (int64 CUDA tensor) with uniform region_elems "
         "or a device prefix table of element offsets.");
   m.def("decode", &decode_regions, py::arg("payload"), py::arg("payload_len"), py::arg("regions"),
         py::arg("dtype_code"), py::arg("status") = py::none(), py::arg("tag") = 0,
@@ -360,9 +364,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_batch", &encode_batch, py::arg("items"), py::arg("dtype_code"), py::arg("codebook"),
         py::arg("chunk_log2"), py::arg("outs"), py::arg("tags"),
         "Encode every item (a list of CUDA tensors) into its output buffer in ONE kernel launch on the current "
-        "stream; returns the device int64 tensor of payload lengths (no host synchronization).");
+        "stream, EXP4 / RAW only (the first 16 exponents); returns the device int64 tensor of payload lengths (no "
+        "host synchronization).");
   m.def("release_workspaces", &release_workspaces, "Free the cached per-stream workspaces.");
   m.def("encode_workspace_bytes", &splitzip_cuda_encode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"),
-        py::arg("codebook_given"), py::arg("chunk_log2"));
+        py::arg("codebook_given"), py::arg("two_level"), py::arg("chunk_log2"));
   m.def("decode_workspace_bytes", &splitzip_cuda_decode_workspace_bytes, py::arg("n_elems"), py::arg("dtype_code"));
 }

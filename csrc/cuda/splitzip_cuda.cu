@@ -19,6 +19,9 @@
 //      gaps; the grid moves the staged exponents to esc_exp, or (RAW fallback) copies the input bytes.
 // ENCODE RAW (other dtypes, no codebook, inputs too small to gain): enc_raw_kernel (copy + checksum), then
 //   enc_finish_kernel writes the header.
+// ENCODE with a two-level codebook (FORMAT.md §3a, §5): the EXP2L kernels of splitzip_cuda_exp2l_enc.cuh run first
+//   (one read of the input, two look-backs) and choose the mode on the device; steps 1-2 above are queued behind
+//   them and run only if EXP2L loses (a device gate word; otherwise their blocks exit at once).
 // DECODE, no host synchronization:
 //   0. cudaMemsetAsync clears the control block and the look-back state.
 //   1. dec_header_kernel (one block): validates the header (FORMAT.md §6 steps 1-3: version 1 or 2, the expected
@@ -33,6 +36,8 @@
 //      by the change of the patched element. RAW tiles copy and checksum. The last block to finish compares
 //      the checksum. Errors merge into status[0] as "smallest code wins", the codes following the check order
 //      of FORMAT.md §6, so the verdict equals the reference decoder's.
+//   EXP2L payloads (bf16 destinations): dec2l_check_kernel validates all of FORMAT.md §6 step 4 before
+//      dec2l_write_kernel writes anything (splitzip_cuda_exp2l_dec.cuh); dec_main_kernel leaves them alone.
 // Bounds: every write goes to an element index < n of the destination region table, or into the caller's output
 // buffer below 96 + n*elem_size + 64 / the workspace; every payload read is below header bytes + body_bytes <=
 // payload_len
@@ -353,6 +358,7 @@ struct EncArgs {
   int chunk_log2;
   int n_codes;
   uint8_t codebook[16];
+  const unsigned int* gate;  // EXP2L fallback: run only once enc2l_finish_kernel set *gate; null: always
 };
 
 // NP passes of 2048 elements per tile: tile = max(chunk, 8192) elements (exp4_encode_tile_elems), 4..32 chunks
@@ -512,6 +518,7 @@ __device__ __forceinline__ void enc_exp4_tile(const EncArgs& a, const uint32_t t
 template <int NP>
 __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   __shared__ uint32_t s_tile;
+  if (a.gate != nullptr && vload(a.gate) == 0u) return;  // EXP2L was chosen
   if (threadIdx.x == 0) s_tile = atomicAdd(&a.ctl->tile_counter, 1u);
   __syncthreads();
   enc_exp4_tile<NP>(a, s_tile);
@@ -609,6 +616,7 @@ struct FinArgs {
   uint8_t codebook[16];
   uint64_t tag;      // transfer tag written into the header (FORMAT.md §6a)
   uint64_t* len_out;  // optional device word: the payload length (batched encode)
+  const unsigned int* gate;  // EXP2L fallback: run only once enc2l_finish_kernel set *gate; null: always
 };
 
 // Finish one payload with blocks [block, ..) of nblocks: header, gaps, staged exponents or the RAW fallback copy.
@@ -661,8 +669,17 @@ __device__ __forceinline__ void enc_finish_body(const FinArgs& a, const uint32_t
 }
 
 __global__ void __launch_bounds__(kThreads) enc_finish_kernel(const FinArgs a) {
+  if (a.gate != nullptr && vload(a.gate) == 0u) return;  // EXP2L was chosen
   enc_finish_body(a, blockIdx.x, gridDim.x);
 }
+
+}  // namespace cudak
+}  // namespace splitzip
+
+#include "splitzip_cuda_exp2l_enc.cuh"  // EXP2L encode: tiles + mode choice, before the gated EXP4 / RAW kernels
+
+namespace splitzip {
+namespace cudak {
 
 // ---- decode ------------------------------------------------------------------------------------------------------
 struct DecCtl {  // 128 bytes at the start of the decode workspace, cleared before every decode
@@ -682,9 +699,17 @@ struct DecCtl {  // 128 bytes at the start of the decode workspace, cleared befo
 };
 static_assert(sizeof(DecCtl) == 128, "DecCtl is 128 bytes");
 
+}  // namespace cudak
+}  // namespace splitzip
+
+#include "splitzip_cuda_exp2l_dec.cuh"  // EXP2L decode: check kernel (all validation first), write kernel
+
+namespace splitzip {
+namespace cudak {
+
 __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* payload, uint64_t payload_len,
                                                               int dtype, int64_t n_dst, uint64_t expected_tag,
-                                                              DecCtl* ctl, uint32_t* status) {
+                                                              DecCtl* ctl, Dec2lCtl* c2, uint32_t* status) {
   __shared__ uint32_t s_crc[256];
   s_crc[threadIdx.x] = crc32_table_entry(threadIdx.x);
   __syncthreads();
@@ -695,7 +720,7 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
   Header h;
   int code = validate_header(hb, payload_len, expected_tag, &h, s_crc);
   if (code == SZ_OK) code = check_destination(h, dtype, uint64_t(n_dst));
-  if (code == SZ_OK && h.mode == kModeExp2l) code = SZ_ERR_MODE_UNSUPPORTED;  // no EXP2L kernels yet (FORMAT.md §5)
+  if (code == SZ_OK && h.mode == kModeExp2l && c2 == nullptr) code = SZ_ERR_MODE_UNSUPPORTED;  // bf16 has c2
   if (code == SZ_OK) {
     ctl->mode = h.mode;
     ctl->chunk_log2 = h.chunk_log2;
@@ -714,6 +739,8 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
       ctl->off_exp = l.off_exp;
       const uint64_t te = cudafmt::exp4_decode_tile_elems(h.chunk_log2);
       ctl->ntiles = (h.n_elems + te - 1) / te;
+    } else if (h.mode == kModeExp2l) {
+      dec2l_header(h, ctl, c2);
     }
     // no elements: the main kernel does not run, so check the (empty) data's checksum here
     if (h.n_elems == 0 && (h.checksum_a != 0u || h.checksum_b != 0u)) code = SZ_ERR_CHECKSUM;
@@ -907,7 +934,7 @@ __global__ void __launch_bounds__(kThreads) dec_main_kernel(const DecArgs a) {
   __shared__ uint32_t s_next[2];
   __shared__ DecShared sh;
   const DecCtl& c = *a.ctl;
-  const bool ok = c.ok != 0u;
+  const bool ok = c.ok != 0u && c.mode != uint32_t(kModeExp2l);  // EXP2L: dec2l_check_kernel, dec2l_write_kernel
   uint32_t ca = 0u, cb = 0u;
   if (ok) {
     constexpr uint64_t kRawTile = uint64_t(RAW_U) * kThreads * 16;
@@ -980,26 +1007,57 @@ static bool regions_ok(const SzRegions* r) {
   return true;
 }
 
+// Encode workspace: [EncCtl][EXP4 look-back state][Enc2lCtl][EXP2L look-back states] (cleared by one memset),
+// then [EXP4 exponent staging][EXP2L chunk escape counts][EXP2L escape positions][EXP2L escape exponents]. The
+// EXP2L parts exist only for a two-level codebook (FORMAT.md §5) whose EXP2L payload could beat RAW.
 struct EncPlan {
-  bool exp4;
-  uint64_t ntiles;
-  uint64_t state_bytes;
-  uint64_t exp_cap;
+  bool exp4;             // EXP4 tiles (the EXP4 pass; behind an EXP2L attempt it runs only if EXP2L loses)
+  uint64_t ntiles;       // EXP4 tiles
+  uint64_t state_bytes;  // EXP4 look-back state
+  uint64_t exp_cap;      // EXP4 escape staging capacity
+  bool exp2l;            // an EXP2L attempt first
+  uint64_t ntiles2;      // EXP2L tiles (same tile length as EXP4)
+  uint64_t off2_ctl;     // Enc2lCtl; the sec / esc look-back states follow, state2_bytes each
+  uint64_t state2_bytes;
+  uint64_t clear_bytes;  // cleared before every encode
+  uint64_t off_stage;    // EXP4 exponent staging
+  uint64_t off2_cnt, off2_pos, off2_exp, cap2;  // EXP2L staging
   size_t ws_bytes;
 };
 
-static EncPlan enc_plan(int64_t n, int dtype, bool codebook_given, int chunk_log2) {
+static EncPlan enc_plan(int64_t n, int dtype, bool codebook_given, bool two_level, int chunk_log2) {
   EncPlan p{};
   const uint64_t un = n > 0 ? uint64_t(n) : 0;
-  p.exp4 = codebook_given && dtype_exp4_allowed(dtype) && un > 0 && chunk_log2 >= kMinChunkLog2 &&
-           chunk_log2 <= kMaxChunkLog2 && Exp4Layout::compute(un, chunk_log2, 0).body_bytes < un * 2;
+  const bool coded = codebook_given && dtype_exp4_allowed(dtype) && un > 0 && chunk_log2 >= kMinChunkLog2 &&
+                     chunk_log2 <= kMaxChunkLog2;
+  p.exp4 = coded && Exp4Layout::compute(un, chunk_log2, 0).body_bytes < un * 2;
+  p.exp2l = coded && two_level && cudafmt::exp2l_can_beat_raw(un, chunk_log2);
+  const uint64_t te = coded ? cudafmt::exp4_encode_tile_elems(chunk_log2) : 1;  // chunk_log2 checked when coded
   if (p.exp4) {
-    const uint64_t te = cudafmt::exp4_encode_tile_elems(chunk_log2);
     p.ntiles = (un + te - 1) / te;
     p.state_bytes = align16(p.ntiles * 8);
     p.exp_cap = cudafmt::exp4_escape_stage_cap(un, chunk_log2);
   }
-  p.ws_bytes = size_t(sizeof(EncCtl) + p.state_bytes + align16(p.exp_cap));
+  uint64_t off = sizeof(EncCtl) + p.state_bytes;
+  if (p.exp2l) {
+    p.ntiles2 = (un + te - 1) / te;
+    p.off2_ctl = off;
+    p.state2_bytes = align16(p.ntiles2 * 8);
+    off += sizeof(Enc2lCtl) + 2 * p.state2_bytes;
+  }
+  p.clear_bytes = off;
+  p.off_stage = off;
+  off += align16(p.exp_cap);
+  if (p.exp2l) {
+    p.cap2 = cudafmt::exp2l_escape_stage_cap(un, chunk_log2);
+    p.off2_cnt = off;
+    off += align16(2 * ((un + (uint64_t(1) << chunk_log2) - 1) >> chunk_log2));
+    p.off2_pos = off;
+    off += align16(2 * p.cap2);
+    p.off2_exp = off;
+    off += align16(p.cap2);
+  }
+  p.ws_bytes = size_t(off);
   return p;
 }
 
@@ -1017,14 +1075,77 @@ static int blocks_per_sm(K kernel, int slot) {
 
 static int launch_result(cudaError_t e) { return e == cudaSuccess ? SZ_LAUNCH_OK : int(e); }
 
-// Encode codebook arguments: 0..16 distinct exponents (host memory), chunk_log2 in range when any is given.
+// Encode codebook arguments: 0..22 distinct exponents, most frequent first (host memory; EXP4 takes the first
+// min(16, n_codes), EXP2L all of them, FORMAT.md §5), chunk_log2 in range when any is given.
 static bool codebook_ok(const uint8_t* codebook, int n_codes, int chunk_log2) {
-  if (n_codes < 0 || n_codes > kMaxCodes || (n_codes > 0 && codebook == nullptr)) return false;
+  if (n_codes < 0 || n_codes > kMaxCodebook || (n_codes > 0 && codebook == nullptr)) return false;
   if (n_codes > 0 && (chunk_log2 < kMinChunkLog2 || chunk_log2 > kMaxChunkLog2)) return false;
   for (int i = 0; i < n_codes; ++i)
     for (int j = 0; j < i; ++j)
       if (codebook[i] == codebook[j]) return false;
   return true;
+}
+
+// The EXP2L parts of the encode workspace (EncPlan).
+static Enc2lWorkspace enc2l_workspace(uint8_t* ws, const EncPlan& p) {
+  Enc2lWorkspace w{};
+  w.ctl = reinterpret_cast<Enc2lCtl*>(ws + p.off2_ctl);
+  w.state_sec = reinterpret_cast<uint64_t*>(ws + p.off2_ctl + sizeof(Enc2lCtl));
+  w.state_esc = reinterpret_cast<uint64_t*>(ws + p.off2_ctl + sizeof(Enc2lCtl) + p.state2_bytes);
+  w.stage_cnt = reinterpret_cast<uint16_t*>(ws + p.off2_cnt);
+  w.stage_pos = reinterpret_cast<uint16_t*>(ws + p.off2_pos);
+  w.stage_exp = ws + p.off2_exp;
+  w.stage_cap = p.cap2;
+  w.ntiles = uint32_t(p.ntiles2);
+  return w;
+}
+
+// The EXP4 pass (first min(16, n_codes) exponents), behind `gate` when it is the EXP2L fallback.
+static void launch_exp4(const SzRegions* src, const uint8_t* codebook, int n4, int chunk_log2, uint8_t* out,
+                        uint8_t* ws, const EncPlan& p, const unsigned int* gate, cudaStream_t stream) {
+  (void)stream;  // unused by the CPU emulation's launches
+  EncArgs a{};
+  a.src = *src;
+  a.body = out + kHeaderBytes;
+  a.ctl = reinterpret_cast<EncCtl*>(ws);
+  a.state = reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl));
+  a.exp_stage = ws + p.off_stage;
+  a.exp_cap = p.exp_cap;
+  a.n = src->n;
+  const Exp4Layout l0 = Exp4Layout::compute(uint64_t(src->n), chunk_log2, 0);
+  a.n_chunks = l0.n_chunks;
+  a.off_codes = l0.off_codes;
+  a.off_counts = l0.off_counts;
+  a.off_pos = l0.off_pos;
+  a.chunk_log2 = chunk_log2;
+  a.n_codes = n4;
+  for (int i = 0; i < n4; ++i) a.codebook[i] = codebook[i];
+  a.gate = gate;
+  const dim3 grid(unsigned(p.ntiles));
+  switch (chunk_log2) {
+    case 15: SZ_LAUNCH(enc_exp4_kernel<16>, grid, stream, a); break;
+    case 14: SZ_LAUNCH(enc_exp4_kernel<8>, grid, stream, a); break;
+    default: SZ_LAUNCH(enc_exp4_kernel<4>, grid, stream, a); break;  // chunk_log2 <= 13: 8192 elements
+  }
+}
+
+// enc_finish_kernel arguments of a single encode (EXP4 table of n4 exponents; gate / ntiles set by the caller).
+static FinArgs fin_args(const SzRegions* src, int dtype, const uint8_t* codebook, int n4, int chunk_log2,
+                        uint64_t tag, uint8_t* out, uint8_t* ws, const EncPlan& plan) {
+  FinArgs f{};
+  f.src = *src;
+  f.out = out;
+  f.ctl = reinterpret_cast<EncCtl*>(ws);
+  f.state = reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl));
+  f.exp_stage = ws + plan.off_stage;
+  f.n = src->n;
+  f.dtype = dtype;
+  f.esize = dtype_elem_size(dtype);
+  f.chunk_log2 = chunk_log2;
+  f.n_codes = n4;
+  f.tag = tag;
+  for (int i = 0; i < n4; ++i) f.codebook[i] = codebook[i];
+  return f;
 }
 
 }  // namespace cudak
@@ -1035,12 +1156,13 @@ using namespace splitzip::cudak;
 
 extern "C" {
 
-size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int chunk_log2) {
-  return enc_plan(n_elems, dtype, codebook_given != 0, chunk_log2).ws_bytes;
+size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int two_level,
+                                            int chunk_log2) {
+  return enc_plan(n_elems, dtype, codebook_given != 0, two_level != 0, chunk_log2).ws_bytes;
 }
 
-int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int chunk_log2,
-                         uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
+int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int two_level,
+                         int chunk_log2, uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream) {
   const int esize = dtype_elem_size(dtype);
   if (esize == 0 || !regions_ok(src) || out == nullptr || workspace == nullptr) return SZ_LAUNCH_BAD_ARG;
@@ -1049,78 +1171,59 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
   if (out_capacity < encode_capacity(uint64_t(n), uint64_t(esize))) return SZ_LAUNCH_SMALL_BUFFER;
   if ((reinterpret_cast<uintptr_t>(out) & 15u) != 0 || (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)
     return SZ_LAUNCH_MISALIGNED;
-  const EncPlan plan = enc_plan(n, dtype, n_codes > 0, chunk_log2);
+  const EncPlan plan = enc_plan(n, dtype, n_codes > 0, two_level != 0, chunk_log2);
   if (workspace_bytes < plan.ws_bytes) return SZ_LAUNCH_SMALL_WORKSPACE;
-  if (plan.ntiles > 0x7FFFFFFFull) return SZ_LAUNCH_BAD_ARG;
+  if (plan.ntiles > 0x7FFFFFFFull || plan.ntiles2 > 0x7FFFFFFFull) return SZ_LAUNCH_BAD_ARG;
 
   auto* ws = static_cast<uint8_t*>(workspace);
-  auto* ctl = reinterpret_cast<EncCtl*>(ws);
-  auto* state = reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl));
-  uint8_t* exp_stage = ws + sizeof(EncCtl) + plan.state_bytes;
-  cudaError_t e = cudaMemsetAsync(ws, 0, sizeof(EncCtl) + plan.state_bytes, stream);
+  cudaError_t e = cudaMemsetAsync(ws, 0, size_t(plan.clear_bytes), stream);
   if (e != cudaSuccess) return launch_result(e);
 
   const uint64_t un = uint64_t(n);
   const uint64_t raw_tiles = (un * uint64_t(esize) + kEncRawTileBytes - 1) / kEncRawTileBytes;
   const uint64_t raw_grid_cap = uint64_t(sm_count()) * 8;
-  FinArgs f{};
-  f.src = *src;
-  f.out = out;
-  f.ctl = ctl;
-  f.state = state;
-  f.exp_stage = exp_stage;
-  f.n = n;
-  f.dtype = dtype;
-  f.esize = esize;
-  f.chunk_log2 = chunk_log2;
-  f.n_codes = n_codes;
-  f.tag = tag;
-  for (int i = 0; i < n_codes; ++i) f.codebook[i] = codebook[i];
-  unsigned fin_grid = 1;
+  unsigned fin_grid = unsigned(raw_tiles < raw_grid_cap ? raw_tiles : raw_grid_cap);
+  if (fin_grid == 0) fin_grid = 1;
+  const int n4 = n_codes < kMaxCodes ? n_codes : kMaxCodes;  // the EXP4 table (FORMAT.md §5)
+  const unsigned int* gate = nullptr;
+  FinArgs f = fin_args(src, dtype, codebook, n4, chunk_log2, tag, out, ws, plan);
+  if (plan.exp2l) {  // EXP2L first; the kernels below run only if it loses
+    const Enc2lWorkspace w = enc2l_workspace(ws, plan);
+    launch_exp2l(src, codebook, n_codes, chunk_log2, tag, out, w, fin_grid, stream);
+    gate = &w.ctl->gate;
+    if (!plan.exp4) f.ctl = &w.ctl->base;  // RAW fallback: the EXP2L pass's checksum
+  }
+  f.gate = gate;
   if (plan.exp4) {
-    EncArgs a{};
-    a.src = *src;
-    a.body = out + kHeaderBytes;
-    a.ctl = ctl;
-    a.state = state;
-    a.exp_stage = exp_stage;
-    a.exp_cap = plan.exp_cap;
-    a.n = n;
-    const Exp4Layout l0 = Exp4Layout::compute(un, chunk_log2, 0);
-    a.n_chunks = l0.n_chunks;
-    a.off_codes = l0.off_codes;
-    a.off_counts = l0.off_counts;
-    a.off_pos = l0.off_pos;
-    a.chunk_log2 = chunk_log2;
-    a.n_codes = n_codes;
-    for (int i = 0; i < n_codes; ++i) a.codebook[i] = codebook[i];
-    const dim3 grid(unsigned(plan.ntiles));
-    switch (chunk_log2) {
-      case 15: SZ_LAUNCH(enc_exp4_kernel<16>, grid, stream, a); break;
-      case 14: SZ_LAUNCH(enc_exp4_kernel<8>, grid, stream, a); break;
-      default: SZ_LAUNCH(enc_exp4_kernel<4>, grid, stream, a); break;  // chunk_log2 <= 13: 8192 elements
-    }
+    launch_exp4(src, codebook, n4, chunk_log2, out, ws, plan, gate, stream);
     f.ntiles = uint32_t(plan.ntiles);
     f.raw_copied = 0;
-    fin_grid = unsigned(raw_tiles < raw_grid_cap ? raw_tiles : raw_grid_cap);
-    if (fin_grid == 0) fin_grid = 1;
+  } else if (plan.exp2l) {  // RAW fallback of the EXP2L attempt: the finish kernel copies the input
+    f.ntiles = 0;
+    f.raw_copied = 0;
   } else {
     if (n > 0) {
       const unsigned g = unsigned(raw_tiles < raw_grid_cap ? raw_tiles : raw_grid_cap);
-      SZ_LAUNCH(enc_raw_kernel, g, stream, *src, esize, out + kHeaderBytes, un * uint64_t(esize), ctl);
+      SZ_LAUNCH(enc_raw_kernel, g, stream, *src, esize, out + kHeaderBytes, un * uint64_t(esize),
+                reinterpret_cast<EncCtl*>(ws));
     }
     f.ntiles = 0;
     f.raw_copied = 1;
+    fin_grid = 1;
   }
   SZ_LAUNCH(enc_finish_kernel, fin_grid, stream, f);
   return launch_result(cudaGetLastError());
 }
 
+// Decode workspace: [DecCtl][look-back state], and for bf16 (EXP2L possible) [Dec2lCtl][second look-back state]
+// [per-tile prefixes (2 x u64)]; all but the prefixes are cleared before every decode. One state slot per 32 KiB
+// of output bounds the EXP4 and EXP2L tiles (>= 16384 bf16 elements each).
 size_t splitzip_cuda_decode_workspace_bytes(int64_t n_elems, int dtype) {
   const uint64_t es = uint64_t(dtype_elem_size(dtype));
   const uint64_t nbytes = n_elems > 0 ? uint64_t(n_elems) * es : 0;
   const uint64_t grid = (nbytes + kDecTileBytes - 1) / kDecTileBytes;
-  return size_t(sizeof(DecCtl) + align16(grid * 8));
+  const uint64_t exp2l = dtype == kDtypeBFloat16 ? sizeof(Dec2lCtl) + align16(grid * 8) + align16(grid * 16) : 0;
+  return size_t(sizeof(DecCtl) + align16(grid * 8) + exp2l);
 }
 
 int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzRegions* dst, int dtype,
@@ -1134,14 +1237,31 @@ int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzR
     return SZ_LAUNCH_MISALIGNED;
   if (workspace_bytes < splitzip_cuda_decode_workspace_bytes(dst->n, dtype)) return SZ_LAUNCH_SMALL_WORKSPACE;
   const uint64_t nbytes = uint64_t(dst->n) * uint64_t(esize);
-  const uint64_t state_tiles = (nbytes + kDecTileBytes - 1) / kDecTileBytes;  // >= EXP4 tiles
+  const uint64_t state_tiles = (nbytes + kDecTileBytes - 1) / kDecTileBytes;  // >= EXP4 / EXP2L tiles
   if (state_tiles > 0x3FFFFFFFull) return SZ_LAUNCH_BAD_ARG;
+  const bool bf16 = dtype == kDtypeBFloat16;
   auto* ws = static_cast<uint8_t*>(workspace);
   auto* ctl = reinterpret_cast<DecCtl*>(ws);
   auto* state = reinterpret_cast<uint64_t*>(ws + sizeof(DecCtl));
-  cudaError_t e = cudaMemsetAsync(ws, 0, sizeof(DecCtl) + align16(state_tiles * 8), stream);
+  uint8_t* ws2 = ws + sizeof(DecCtl) + align16(state_tiles * 8);  // bf16: Dec2lCtl, state, prefixes
+  auto* c2 = bf16 ? reinterpret_cast<Dec2lCtl*>(ws2) : nullptr;
+  const uint64_t clear = uint64_t(ws2 - ws) + (bf16 ? sizeof(Dec2lCtl) + align16(state_tiles * 8) : 0);
+  cudaError_t e = cudaMemsetAsync(ws, 0, size_t(clear), stream);
   if (e != cudaSuccess) return launch_result(e);
-  SZ_LAUNCH(dec_header_kernel, 1u, stream, payload, payload_len, dtype, dst->n, expected_tag, ctl, status);
+  SZ_LAUNCH(dec_header_kernel, 1u, stream, payload, payload_len, dtype, dst->n, expected_tag, ctl, c2, status);
+  if (nbytes > 0 && bf16) {  // EXP2L payloads (the kernels exit at once for other modes)
+    Dec2lArgs d{};
+    d.payload = payload;
+    d.dst = *dst;
+    d.ctl = ctl;
+    d.c2 = c2;
+    d.state_sec = reinterpret_cast<uint64_t*>(ws2 + sizeof(Dec2lCtl));
+    d.state_esc = state;
+    d.excl = reinterpret_cast<uint64_t*>(ws2 + sizeof(Dec2lCtl) + align16(state_tiles * 8));
+    d.status = status;
+    SZ_LAUNCH(dec2l_check_kernel, unsigned(state_tiles), stream, d);
+    SZ_LAUNCH(dec2l_write_kernel, unsigned(state_tiles), stream, d);
+  }
   if (nbytes > 0) {
     DecArgs a{};
     a.payload = payload;
@@ -1150,7 +1270,6 @@ int splitzip_cuda_decode(const uint8_t* payload, uint64_t payload_len, const SzR
     a.state = state;
     a.status = status;
     a.esize = esize;
-    const bool bf16 = dtype == kDtypeBFloat16;
     const uint64_t raw_tile_bytes = uint64_t(bf16 ? kDecRawUBf16 : kDecRawUOther) * kThreads * 16;
     const uint64_t max_tiles = (nbytes + raw_tile_bytes - 1) / raw_tile_bytes;  // >= EXP4 tiles too
     const uint64_t resident = uint64_t(sm_count()) *

@@ -68,20 +68,23 @@ enum SzLaunchResult {
 
 #if !defined(SPLITZIP_CUDA_NO_RUNTIME) || defined(SPLITZIP_CUDA_EMU)
 // Bytes of device workspace that encode needs (contents need not be initialized; the launcher clears what it
-// needs with cudaMemsetAsync). `codebook_given` = n_codes > 0.
-size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int chunk_log2);
+// needs with cudaMemsetAsync). `codebook_given` = n_codes > 0; `two_level` as for splitzip_cuda_encode.
+size_t splitzip_cuda_encode_workspace_bytes(int64_t n_elems, int dtype, int codebook_given, int two_level,
+                                            int chunk_log2);
 
 // Encode the concatenation of `src` (elements of wire dtype `dtype`) into `out` (device, 16-byte aligned,
 // `out_capacity >= 96 + n*elem_size + 64`) as a format-v2 payload bound to transfer `tag` (FORMAT.md §6a).
-// `codebook` is HOST memory with `n_codes` distinct exponents (n_codes == 0 => RAW). Byte-identical to
-// splitzip_vllm/codec/reference.py. The payload length is 96 + body_bytes of the header the device writes at
-// out[0..96).
-int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int chunk_log2,
-                         uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
+// `codebook` is HOST memory with `n_codes` (0..22) distinct exponents, most frequent first (n_codes == 0 =>
+// RAW); `two_level` != 0 allows EXP2L (FORMAT.md §5: EXP2L, EXP4 with the first min(16, n_codes) exponents, or
+// RAW, whichever is smallest, chosen on the device). Byte-identical to splitzip_vllm/codec/reference.py. The
+// payload length is 96 + body_bytes of the header the device writes at out[0..96).
+int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codebook, int n_codes, int two_level,
+                         int chunk_log2, uint64_t tag, uint8_t* out, uint64_t out_capacity, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream);
 
 // Batched encode of `count` payloads (e.g. all layers of one request) in ONE kernel launch (plus one memset):
-// every payload is byte-identical to splitzip_cuda_encode's; lens[i] (device u64) receives payload i's length.
+// every payload is byte-identical to splitzip_cuda_encode's with two_level = 0 (EXP4 / RAW only); lens[i] (device
+// u64) receives payload i's length.
 // All items share dtype, codebook and chunk_log2. First call splitzip_cuda_encode_batch_plan on the host array
 // (fills the plan fields, returns the workspace bytes, 0 for bad arguments), copy the array to the device, then
 // launch with both copies (items_host for the grid size, items_dev read by the kernel).

@@ -8,6 +8,8 @@
 // counter, fenced) runs enc_finish_body with that one block: header (and lens[item]), gaps, staged exponents or
 // the RAW fallback copy. Workspace: [64-byte batch control][EncCtl per item][look-back states][escape staging];
 // only the part before the staging is cleared.
+// EXP4 / RAW only (the first min(16, n_codes) exponents): EXP2L payloads (FORMAT.md §3a) come from
+// splitzip_cuda_encode, one call per item (cuda_backend.encode_batch_into does that for two-level codebooks).
 #pragma once
 
 namespace splitzip {
@@ -123,7 +125,7 @@ size_t splitzip_cuda_encode_batch_plan(SzBatchItem* items, int count, int dtype,
   if (items == nullptr || count < 1 || esize == 0) return 0;
   uint64_t off = sizeof(EncCtl) * (uint64_t(count) + 1), tile0 = 0;
   for (int i = 0; i < count; ++i) {  // control words and look-back states first: the part that is cleared
-    const EncPlan p = enc_plan(items[i].src.n, dtype, n_codes > 0, chunk_log2);
+    const EncPlan p = enc_plan(items[i].src.n, dtype, n_codes > 0, false, chunk_log2);  // EXP4 / RAW only
     const uint64_t nbytes = uint64_t(items[i].src.n > 0 ? items[i].src.n : 0) * uint64_t(esize);
     const uint64_t raw_tiles = (nbytes + kEncRawTileBytes - 1) / kEncRawTileBytes;
     items[i].exp4 = p.exp4 ? 1 : 0;
@@ -169,8 +171,8 @@ int splitzip_cuda_encode_batch(const SzBatchItem* items_host, const SzBatchItem*
   b.dtype = dtype;
   b.esize = esize;
   b.chunk_log2 = chunk_log2;
-  b.n_codes = n_codes;
-  for (int i = 0; i < n_codes; ++i) b.codebook[i] = codebook[i];
+  b.n_codes = n_codes < kMaxCodes ? n_codes : kMaxCodes;  // the EXP4 table: first min(16, n_codes) (FORMAT.md §5)
+  for (int i = 0; i < b.n_codes; ++i) b.codebook[i] = codebook[i];
   b.ws = static_cast<uint8_t*>(workspace);
   b.lens = lens;
   const dim3 grid(unsigned(last.tile0 + last.ntiles));

@@ -25,5 +25,16 @@ SZ_HD uint64_t exp4_escape_stage_cap(uint64_t n, int chunk_log2) {
   return 2 * n > off_pos ? (2 * n - off_pos) / 3 + 1 : 0;
 }
 
+// EXP2L (FORMAT.md §3a) uses the EXP4 tile lengths. It is worth trying only if its smallest body (no secondary
+// codes, no escapes) is below RAW's, and it can only win with M escapes where align16(off_pos + 2M) + M < 2n, so
+// an encoder never stages more than this many (off_pos of the smallest layout: off_pos only grows with sec_bytes).
+SZ_HD bool exp2l_can_beat_raw(uint64_t n, int chunk_log2) {
+  return Exp2lLayout::compute(n, chunk_log2, 0, 0).body_bytes < 2 * n;
+}
+SZ_HD uint64_t exp2l_escape_stage_cap(uint64_t n, int chunk_log2) {
+  const uint64_t off_pos = Exp2lLayout::compute(n, chunk_log2, 0, 0).off_pos;
+  return 2 * n > off_pos ? (2 * n - off_pos) / 3 + 1 : 0;
+}
+
 }  // namespace cudafmt
 }  // namespace splitzip

@@ -104,7 +104,7 @@ class Status(enum.IntEnum):
     SEC_COUNT = 31         # a secondary count exceeds its chunk length
     SEC_BYTES = 32         # the secondary counts need another number of bytes than sec_bytes (aux = their need)
     SEC_MARKERS = 33       # a chunk holds another number of marker codes than its count (aux = the chunk)
-    MODE_UNSUPPORTED = 34  # a valid EXP2L payload given to a backend without EXP2L kernels (cuda)
+    MODE_UNSUPPORTED = 34  # a valid EXP2L payload given to a backend without EXP2L kernels (none in this release)
 
 
 # FORMAT.md §6 steps 1-3, the header alone

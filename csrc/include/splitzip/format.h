@@ -54,7 +54,7 @@ enum SzStatus {
   SZ_ERR_SEC_COUNT = 31,         // a secondary count exceeds its chunk length
   SZ_ERR_SEC_BYTES = 32,         // the secondary counts need another byte count than sec_bytes (aux = their need)
   SZ_ERR_SEC_MARKERS = 33,       // a chunk's marker codes differ from its secondary count (aux = the chunk)
-  SZ_ERR_MODE_UNSUPPORTED = 34,  // a valid EXP2L payload given to a backend without EXP2L kernels (CUDA)
+  SZ_ERR_MODE_UNSUPPORTED = 34,  // a valid EXP2L payload given to a backend without EXP2L kernels
   SZ_NUM_STATUS = 35
 };
 
@@ -304,6 +304,32 @@ SZ_HD Header make_header(int dtype, int mode, int n_codes, int chunk_log2, const
   return h;
 }
 
+// The EXP2L header an encoder writes (FORMAT.md §3a; version 2, `tag`): primary table = the first min(7, k) of the
+// k = n_codes codebook exponents, secondary table (ext) = the next up to 15, sec_bytes in ext.
+SZ_HD Header make_exp2l_header(const uint8_t* codebook, int n_codes, int chunk_log2, uint64_t n, uint64_t n_escapes,
+                               uint64_t sec_bytes, uint64_t body_bytes, uint32_t checksum_a, uint32_t checksum_b,
+                               uint64_t tag) {
+  Header h;
+  const int k = n_codes < kMaxCodebook ? n_codes : kMaxCodebook;
+  const int p = k < kExp2lMaxPrimary ? k : kExp2lMaxPrimary;
+  h.dtype = uint8_t(kDtypeBFloat16);
+  h.mode = uint8_t(kModeExp2l);
+  h.code_bits = uint8_t(kExp2lCodeBits);
+  h.n_codes = uint8_t(p);
+  h.chunk_log2 = uint8_t(chunk_log2);
+  for (int i = 0; i < p; ++i) h.codebook[i] = codebook[i];
+  for (int i = p; i < k; ++i) h.ext[i - p] = codebook[i];
+  h.ext[kExtOffNSec] = uint8_t(k - p);
+  store_u64(h.ext + kExtOffSecBytes, sec_bytes);
+  h.n_elems = n;
+  h.n_escapes = n_escapes;
+  h.body_bytes = body_bytes;
+  h.checksum_a = checksum_a;
+  h.checksum_b = checksum_b;
+  h.transfer_tag = tag;
+  return h;
+}
+
 // Read the fields of a header (no validation; see validate.h): bytes 0..63, and for version 2 (byte 4) also
 // the transfer tag and ext, so `in` must hold header_bytes_of(in[4]) readable bytes (64 otherwise).
 // Returns false if the magic differs.
@@ -392,6 +418,23 @@ struct Exp2lLayout {
     return l;
   }
 };
+
+// EXP2L encode table of the CPU and CUDA encoders: one byte per exponent, bits 0..2 the primary code (7 = marker),
+// bits 3..6 the secondary code (15 = escape), bit 7 set for markers (a byte-sign mask finds them; an escape's byte
+// is 0xFF). `cb`: the codebook's n_codes (<= 22) distinct exponents, most frequent first (FORMAT.md §5).
+constexpr uint8_t kExp2lLutMarker = 0x80;
+SZ_HD void exp2l_encode_lut(const uint8_t* cb, int n_codes, uint8_t* lut) {
+  for (int e = 0; e < 256; ++e) lut[e] = uint8_t(kExp2lLutMarker | kExp2lMarker | (kExp2lSecEscape << 3));
+  for (int j = 0; j < n_codes && j < kMaxCodebook; ++j)
+    lut[cb[j]] = j < kExp2lMaxPrimary ? uint8_t(j)
+                                      : uint8_t(kExp2lLutMarker | kExp2lMarker | ((j - kExp2lMaxPrimary) << 3));
+}
+// The EXP4 table holds the first min(16, n_codes) exponents (FORMAT.md §5): a marker is an EXP4 escape iff its
+// secondary code (15 for an EXP2L escape) is >= this threshold, so an EXP2L encoder counts EXP4's escapes too.
+SZ_HD uint32_t exp2l_exp4_sec_threshold(int n_codes) {
+  const int t = (n_codes < kMaxCodes ? n_codes : kMaxCodes) - kExp2lMaxPrimary;
+  return uint32_t(t > 0 ? t : 0);
+}
 
 // EXP2L header ext accessors (FORMAT.md §3a)
 SZ_HD int exp2l_n_sec(const Header& h) { return h.ext[kExtOffNSec]; }

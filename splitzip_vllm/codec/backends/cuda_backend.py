@@ -11,8 +11,11 @@ Encode and decode run on the current torch CUDA stream and never synchronise wit
   read past the payload length, whatever the payload holds; on a non-zero code the destination holds garbage.
   ``raise_for_status`` (synchronises) turns a status (``format.Status``) into :class:`PayloadError` with the
   message the reference decoder would give (``format.decode_error_message``). ``decode_into`` is the synchronous convenience path (both steps).
+* Encoders choose the mode on the device (FORMAT.md §5): EXP2L for a two-level codebook when it is strictly
+  smaller than EXP4 and RAW, else EXP4, else RAW; the kernels of the modes that lose exit at once.
 * ``encode_batch_into`` encodes all payloads of one request (one per layer) in ONE kernel launch, lengths
-  written to a device tensor.
+  written to a device tensor; with a two-level codebook (EXP2L possible) it encodes them one by one (one
+  ``encode_into`` each), lengths still read on the device.
 * Multi-region lists are refused inside CUDA-graph capture (their table comes from pinned host memory);
   caller tensors are recorded on the current stream (safe to free after a call on a side stream).
 * ``encode_table_into`` / ``decode_table_into_async`` take a device table of region base addresses (int64 CUDA
@@ -33,7 +36,7 @@ import torch
 
 from ..codebook import Codebook
 from ..format import (HEADER_BYTES, PayloadError, Status, check_tag, decode_error_message, element_size,
-                      encode_capacity)
+                      encode_capacity, dtype_code)
 from . import BackendUnavailableError, CodecBackend, register
 
 try:
@@ -44,6 +47,8 @@ except ImportError as e:  # extension not built (CPU-only torch, or built withou
     _IMPORT_ERROR = e
 
 _ALIGN = 16
+_OFF_BODY_BYTES = 48                      # header field body_bytes (u64, FORMAT.md §1)
+DTYPE_BF16 = dtype_code(torch.bfloat16)   # the only dtype with coded modes
 
 
 def refuse_host_table_in_capture(regions: Sequence[torch.Tensor], what: str) -> None:
@@ -53,6 +58,13 @@ def refuse_host_table_in_capture(regions: Sequence[torch.Tensor], what: str) -> 
         raise ValueError(f"splitzip cuda {what}: a list of regions needs a region table copied from pinned host "
                          "memory, which CUDA-graph capture cannot replay safely; inside a graph pass a device "
                          "table (encode_table_into / decode_table_into_async) or one contiguous region")
+
+
+def _codebook_args(codebook: Codebook | None) -> tuple[list[int] | None, bool]:
+    """The extension's codebook arguments: all exponents (EXP4 takes the first 16) and whether EXP2L may be used."""
+    if codebook is None:
+        return None, False
+    return list(codebook.exponents), codebook.two_level
 
 
 def _status_values(status: torch.Tensor) -> tuple[int, int]:
@@ -91,7 +103,7 @@ def _flat_payload(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
 @register
 class CudaBackend(CodecBackend):
     name = "cuda"
-    two_level = False
+    two_level = True   # EXP2L kernels: csrc/cuda/splitzip_cuda_exp2l_{enc,dec}.cuh
 
     @classmethod
     def is_available(cls) -> bool:
@@ -116,17 +128,17 @@ class CudaBackend(CodecBackend):
             raise ValueError("the cuda codec backend encodes into a contiguous uint8 CUDA tensor")
         regs = _cuda_regions(regions, out.device)
         refuse_host_table_in_capture(regs, "encode")
-        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
+        cb, two = _codebook_args(codebook)
         flat = out.reshape(-1)
         if _aligned(flat):
-            ext.encode(regs, dtype, cb, chunk_log2, flat, tag)
+            ext.encode(regs, dtype, cb, chunk_log2, flat, tag, two)
             return
         n = sum(r.numel() for r in regs)
         cap = encode_capacity(n, element_size(dtype))
         if flat.numel() < cap:
             raise ValueError(f"output buffer holds {flat.numel()} bytes, encode needs {cap}")
         tmp = torch.empty(cap, dtype=torch.uint8, device=out.device)
-        ext.encode(regs, dtype, cb, chunk_log2, tmp, tag)
+        ext.encode(regs, dtype, cb, chunk_log2, tmp, tag, two)
         flat[:cap].copy_(tmp)
 
     def encode_table_into(self, ptrs: torch.Tensor, prefix: torch.Tensor | None, region_elems: int, n_elems: int,
@@ -137,8 +149,8 @@ class CudaBackend(CodecBackend):
         check_tag(tag)
         if out.dtype != torch.uint8 or out.device.type != "cuda" or not out.is_contiguous() or not _aligned(out):
             raise ValueError("encode_table_into needs a contiguous, 16-byte aligned uint8 CUDA output tensor")
-        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
-        ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1), tag)
+        cb, two = _codebook_args(codebook)
+        ext.encode_ptrs(ptrs, prefix, region_elems, n_elems, dtype, cb, chunk_log2, out.reshape(-1), tag, two)
 
     def encode_batch_into(self, items: Sequence[Sequence[torch.Tensor]], dtype: int, codebook: Codebook | None,
                           chunk_log2: int, outs: Sequence[torch.Tensor],
@@ -146,7 +158,9 @@ class CudaBackend(CodecBackend):
         """Encode every item (e.g. each layer of one request: a list of regions) into its ``outs`` buffer in ONE
         kernel launch on the current stream; payload ``i`` is bound to ``tags[i]`` (default 0) and is byte-identical
         to ``encode_into``'s. Returns the device int64 tensor of payload lengths (no host synchronisation). The
-        item table is copied from pinned memory: not inside CUDA-graph capture."""
+        item table is copied from pinned memory: not inside CUDA-graph capture. A two-level codebook on bfloat16
+        data may give EXP2L payloads, which the one-launch kernel does not write: those items are encoded one by
+        one (``encode_into``), their lengths gathered from the device headers."""
         ext = self._ext()
         tags = [0] * len(items) if tags is None else [check_tag(t) for t in tags]
         if not items or len(outs) != len(items) or len(tags) != len(items):
@@ -160,7 +174,13 @@ class CudaBackend(CodecBackend):
                 raise ValueError("encode_batch_into needs contiguous, 16-byte aligned uint8 output tensors on one "
                                  "CUDA device")
         regs = [_cuda_regions(r, dev) for r in items]
-        cb = list(codebook.exp4().exponents) if codebook is not None else None  # no EXP2L kernels yet
+        cb, two = _codebook_args(codebook)
+        if two and dtype == DTYPE_BF16:
+            for r, o, t in zip(regs, outs, tags):
+                self.encode_into(r, dtype, codebook, chunk_log2, o, t)
+            raw = torch.stack([o.reshape(-1)[_OFF_BODY_BYTES:_OFF_BODY_BYTES + 8] for o in outs]).to(torch.int64)
+            shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=dev)
+            return (raw << shifts).sum(1) + HEADER_BYTES  # little-endian u64 body_bytes, on the device
         return ext.encode_batch(regs, dtype, cb, chunk_log2, [o.reshape(-1) for o in outs], tags)
 
     # ---- decode ---------------------------------------------------------------------------------------------
