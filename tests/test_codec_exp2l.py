@@ -6,7 +6,9 @@
   here from the spec alone;
 * the validation of FORMAT.md §6 for EXP2L (header fields, count tables, marker counts, escape order) with the
   reference's messages, and a corruption fuzz (never crash, never read past the payload, never write outside);
-* backends without EXP2L (cuda in this release) encode EXP4 and refuse EXP2L payloads cleanly.
+* a backend without EXP2L (none in this release; the check runs for any backend class whose ``two_level`` is
+  False) would encode EXP4 and refuse EXP2L payloads cleanly. CUDA's EXP2L is checked through its CPU emulation
+  (tests/test_codec_cuda_emu_exp2l.py) and on a GPU by tests/test_codec_cuda.py.
 
 triton runs here only under its interpreter on CPU (``TRITON_INTERPRET=1`` before triton is imported, see
 tests/test_codec_triton.py); in any other session ``test_triton_runs_under_interpreter`` reruns this file's
