@@ -166,6 +166,9 @@ def main() -> None:
     ap.add_argument("--input", help=".pt or .safetensors file with bf16-convertible tensors (tiled to size)")
     ap.add_argument("--verify-reference", action="store_true", help="also compare payloads with the reference")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--modes", default="exp2l,exp4",
+                    help="codebook views to time: exp2l (the full two-level codebook: each payload EXP2L where "
+                         "smaller, FORMAT.md §5) and/or exp4 (its EXP4 view)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_codec_bench needs a CUDA device")
@@ -187,8 +190,11 @@ def main() -> None:
           f"  coverage {hist.coverage(codebook):.5f}", flush=True)
     t0 = time.time()
     rows = []
-    for s in args.sizes_mib:
-        rows += bench_size(s, args, codebook, backends, dev)
+    views = {"exp2l": codebook, "exp4": codebook.exp4()}
+    for mode in args.modes.split(","):
+        print(f"--- codebook view {mode}", flush=True)
+        for s in args.sizes_mib:
+            rows += [dict(r, view=mode) for r in bench_size(s, args, views[mode], backends, dev)]
     print(f"done in {time.time() - t0:.1f}s", flush=True)
     if args.json:
         meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
