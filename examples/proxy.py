@@ -13,7 +13,8 @@ Layer-wise mode (SplitZipConnector only, docs/LAYERWISE.md): ``--transfer layerw
 --prefiller-side-channels HOST:PORT ...`` (each prefill's VLLM_NIXL_SIDE_CHANNEL_HOST/PORT). The proxy names the
 transfer itself and sends the request to prefill and decode at once, so decode reads each layer's KV while
 prefill still computes the next ones. If prefill answers an error, the decode request is cancelled and the error
-returned.
+returned; if prefill dies (connection lost), decode's load fails and its ``kv_load_failure_policy`` applies, as in
+whole-request mode.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def build_app(prefillers: list[str], decoders: list[str], timeout: float = 600.0
         d_task = asyncio.ensure_future(d_client.post(path, json=d_body, headers=headers(request_id)))
         if prefill is not None:
             await asyncio.wait({prefill, d_task}, return_when=asyncio.FIRST_COMPLETED)
-            if prefill.done() and prefill.result().status_code != 200 and not d_task.done():
+            if _refused(prefill) and not d_task.done():
                 d_task.cancel()   # closing the connection aborts the request on decode
                 return JSONResponse(status_code=prefill.result().status_code,
                                     content=_json_or_text(prefill.result()))
@@ -115,6 +116,7 @@ def build_app(prefillers: list[str], decoders: list[str], timeout: float = 600.0
         p_body = prefill_body(body, {"do_remote_decode": True, "do_remote_prefill": False,
                                      "splitzip_transfer": transfer})
         prefill = asyncio.ensure_future(clients[p_url].post(path, json=p_body, headers=headers(request_id)))
+        prefill.add_done_callback(_log_lost_prefill)
         protocol = ident.pop("protocol")
         d_params = dict(ident, do_remote_prefill=True, do_remote_decode=False, remote_request_id=transfer,
                         remote_block_ids=[], splitzip={"protocol": protocol, "transfer": transfer})
@@ -151,9 +153,22 @@ def build_app(prefillers: list[str], decoders: list[str], timeout: float = 600.0
     return app
 
 
+def _log_lost_prefill(prefill: asyncio.Task) -> None:
+    if not prefill.cancelled() and prefill.exception() is not None:
+        print(f"proxy: layer-wise prefill call failed ({prefill.exception()!r}); decode recomputes or fails per "
+              "its kv_load_failure_policy", flush=True)
+
+
+def _refused(prefill: asyncio.Task) -> bool:
+    """Layer-wise: prefill answered an error (decode would not get the KV; it is cancelled). A prefill that died
+    (no answer) is not a refusal: decode's load fails and its kv_load_failure_policy decides."""
+    return prefill.done() and not prefill.cancelled() and prefill.exception() is None and \
+        prefill.result().status_code != 200
+
+
 def _close_on_error(prefill: asyncio.Task, d_resp: httpx.Response) -> None:
-    """Layer-wise, streaming: a failed prefill ends the decode stream (and so the decode request)."""
-    if prefill.cancelled() or prefill.exception() is not None or prefill.result().status_code != 200:
+    """Layer-wise, streaming: a prefill error ends the decode stream (and so the decode request)."""
+    if _refused(prefill):
         asyncio.ensure_future(d_resp.aclose())
 
 

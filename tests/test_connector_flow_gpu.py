@@ -181,3 +181,28 @@ def test_gpu_small_staging_and_prefix_hit_inside_a_piece(layout):
         assert prefill.producer.arena_used_bytes == 0 and d.consumer.recv_used_bytes == 0
     finally:
         _close(d, prefill)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_layerwise_encode_waits_for_each_layers_writes(layout):
+    """Layer-wise (docs/LAYERWISE.md): the encoder's side stream must wait for the event recorded when a layer was
+    saved. Each "forward" layer here is a slow kernel, then a write of the whole layer on the current stream: an
+    encoder not ordered after it would read the old KV, and decode's pages would differ from prefill's."""
+    backend = _codec()
+    fabric = Fabric()
+    prefill = Prefill(fabric, 0, 1, layout, backend=backend)
+    d = Decode(fabric, 0, 1, layout, [prefill], backend=backend)
+    p_blocks, d_blocks = [3, 7, 1, 9], [5, 6, 10, 11]
+    try:
+        d.consumer.start("req", RecvRequest(d_blocks, 0, flow_harness.layerwise_remote("t-gpu", 1)))
+        prefill.publish("r1", p_blocks, transfer_id="t-gpu")
+        for li, layer in enumerate(prefill.layout.layers):
+            torch.cuda._sleep(20_000_000)
+            layer.tensor.mul_(-1)
+            prefill.producer.layer_saved([li])
+        prefill.producer.step_saved()
+        assert run([prefill], [d], rid_finished=("r1",)) == {0: ({"req"}, set())}
+        assert_pages_exact([prefill], d, p_blocks, d_blocks)
+        assert prefill.stats.data["num_freed"] == 1
+    finally:
+        _close(d, prefill)
