@@ -23,13 +23,14 @@ import torch
 from ..codec.format import PayloadError, dtype_code
 from ..transport.arena import ALIGN, ArenaFullError, ExtentAllocator
 from ..transport.base import Transport, TransportError
-from .binding import TicketTable, TicketTableFullError, transfer_tag
+from .binding import TicketTable, transfer_tag
 from .contracts import Consumed, Done, Heartbeat, Manifest, Rate, Want, encode_notification
-from .kv_layout import KVLayout, PiecePlan, coalesce, piece_ranges
+from .direct import DirectReads
+from .kv_layout import KVLayout, PiecePlan
 from .loads import INDEX_POLL_S, Load, LoadError, Source, check_tp
 from .metadata import RecvRequest, RemoteInfo
-from .peers import PeerBook, PeerUnavailableError
 from .mailbox import MAILBOX_PIECE, MailboxRefusedError, find_entry, probe_range
+from .peers import PeerBook, PeerUnavailableError
 from .piece_index import ENTRY_BYTES, HEADER_BYTES, INDEX_PIECE, IndexRevokedError, parse_index
 
 logger = logging.getLogger("splitzip_vllm.connector")
@@ -43,7 +44,7 @@ def _align(x: int) -> int:
     return (x + ALIGN - 1) // ALIGN * ALIGN
 
 
-class Consumer:
+class Consumer(DirectReads):
     def __init__(self, *, layout: KVLayout, transport: Transport, peers: PeerBook, tp_rank: int, tp_size: int,
                  total_heads: int, recv_bytes: int, timeout_s: float, backend, stats, dump=None):
         self.layout, self.transport, self.peers = layout, transport, peers
@@ -401,59 +402,6 @@ class Consumer:
                     dests.append(tmp)
                     copies.append((v, tmp))
         return dests, copies
-
-    # ---- raw (direct) pieces --------------------------------------------------------------------------------
-    def _advance_direct(self, load: Load, src: Source) -> None:
-        m = src.manifest
-        if m.ticket is None:
-            raise LoadError(f"prefill published raw KV without a validity ticket ({m.reason})")
-        if src.direct is None:
-            local, rem = self._direct_ranges(load.req, src)
-            try:
-                src.ticket_slot = self.tickets.take()
-            except TicketTableFullError:
-                return  # back-pressure
-            if not local:
-                src.direct = (None, "data")
-            else:
-                # no notice yet: prefill must keep the blocks (and the ticket) until the ticket READ is done
-                src.direct = (self._read(src, local, self.mem, rem, src.peer.info.mem_type, b""), "data")
-                load.wire += sum(n for _, n in rem)
-            return
-        handle, phase = src.direct
-        if handle is not None and not self._done(handle):
-            return
-        if handle is not None:
-            tele = self.transport.telemetry(handle)
-            load.xfer_s += tele.seconds if tele else 0.0
-            self.transport.release(handle)
-        load.progress = time.monotonic()
-        if phase == "data":
-            done = encode_notification(Done(request_id=load.req.remote.request_id, reader=src.reader,
-                                            readers=src.readers))
-            src.direct = (self._read(src, [(self.tickets.address(src.ticket_slot), 8)], "DRAM",
-                                     [(m.ticket[0], 8)], "DRAM", done), "ticket")
-            return
-        seen = self.tickets.value(src.ticket_slot)
-        if seen != m.ticket[1]:
-            raise LoadError(f"the raw KV blocks were freed or reused by prefill before or while they were read "
-                            f"(ticket {m.ticket[1]:#x}, now {seen:#x}): a read after the prefill's lease "
-                            f"(kv_lease_duration) expired?", rejected=True)
-        self.tickets.put(src.ticket_slot)
-        src.ticket_slot = None
-        src.done = True
-
-    def _direct_ranges(self, req: RecvRequest, src: Source) -> tuple[list, list]:
-        info = src.peer.info
-        local, rem = [], []
-        for li, layer in enumerate(self.layout.layers):
-            spec = info.layers[li]
-            for h in range(src.head_lo, src.head_hi):
-                for b in range(req.skip_blocks, src.plan.num_blocks):
-                    rb = req.remote.block_ids[b]
-                    rem += piece_ranges(info.layout, spec.base, spec.shape, spec.strides, info.element_size, rb, h)
-                    local += layer.piece_ranges(req.local_block_ids[b - req.skip_blocks], h + src.head_shift)
-        return coalesce(local, rem)
 
     # ---- transport helpers ----------------------------------------------------------------------------------
     def _read(self, src: Source, local, local_mem, remote, remote_mem, notif: bytes, extent=None):
