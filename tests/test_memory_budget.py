@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from splitzip_vllm.connector import consumer as consumer_mod
+from splitzip_vllm.connector import mailbox as mailbox_mod
 from splitzip_vllm.connector import producer as producer_mod
 from splitzip_vllm.connector.budget import ModelGeometry, check_staging, memory_budget
 from splitzip_vllm.connector.config import ConfigError, SplitZipConfig
@@ -100,7 +101,7 @@ def test_budget_items_follow_the_settings_and_constants():
     geo = MODELS[("Llama-3-8B", 1)]
     p, d, both = (memory_budget(cfg, geo, r) for r in ("kv_producer", "kv_consumer", "kv_both"))
     assert p.device_bytes == 3 << 20 and d.device_bytes == 5 << 20 and both.device_bytes == 8 << 20
-    assert p.host_bytes == (1 << 20) + producer_mod.SEND_TICKET_SLOTS * 8
+    assert p.host_bytes == (1 << 20) + producer_mod.SEND_TICKET_SLOTS * 8 + mailbox_mod.SLOTS * 64
     assert d.host_bytes == consumer_mod.INDEX_LANDING_BYTES + consumer_mod.RECV_TICKET_SLOTS * 8
     assert both.host_bytes == p.host_bytes + d.host_bytes
     assert both.transient_device_bytes == 2 * p.transient_device_bytes

@@ -3,7 +3,8 @@
 vLLM sizes its paged KV cache from ``--gpu-memory-utilization``; everything SplitZipConnector adds comes on top:
 
 * prefill (``kv_producer``): the send arena (``arena_bytes``, on the KV cache's device), the piece indexes
-  (``index_bytes``, host) and the raw-transfer ticket table (``producer.SEND_TICKET_SLOTS`` x 8 bytes, host);
+  (``index_bytes``, host), the raw-transfer ticket table (``producer.SEND_TICKET_SLOTS`` x 8 bytes, host) and the
+  layer-wise mailbox (``mailbox.SLOTS`` x ``mailbox.ENTRY_BYTES``, host);
 * decode (``kv_consumer``): the receive buffer (``recv_buffer_bytes``, on the KV cache's device), the landing
   buffer for piece-index READs (``consumer.INDEX_LANDING_BYTES``, host) and the ticket landing slots
   (``consumer.RECV_TICKET_SLOTS`` x 8 bytes, host);
@@ -30,6 +31,7 @@ import torch
 
 from ..transport.arena import ALIGN
 from . import consumer as _consumer
+from . import mailbox as _mailbox
 from . import producer as _producer
 from .binding import TICKET_BYTES
 from .config import ConfigError, SplitZipConfig
@@ -188,7 +190,8 @@ def memory_budget(cfg: SplitZipConfig, geo: ModelGeometry, role: str) -> MemoryB
         items += [BudgetItem("send arena", "arena_bytes", KV_DEVICE, cfg.arena_bytes),
                   BudgetItem("piece indexes", "index_bytes", HOST, cfg.index_bytes),
                   BudgetItem("send tickets", "producer.SEND_TICKET_SLOTS", HOST,
-                             _producer.SEND_TICKET_SLOTS * TICKET_BYTES)]
+                             _producer.SEND_TICKET_SLOTS * TICKET_BYTES),
+                  BudgetItem("layer-wise mailbox", "mailbox.SLOTS", HOST, _mailbox.SLOTS * _mailbox.ENTRY_BYTES)]
     if cons:
         items += [BudgetItem("receive buffer", "recv_buffer_bytes", KV_DEVICE, cfg.recv_buffer_bytes),
                   BudgetItem("index landing buffer", "consumer.INDEX_LANDING_BYTES", HOST,
