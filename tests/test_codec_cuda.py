@@ -230,6 +230,28 @@ def test_misaligned_buffers_are_staged():
     assert torch.equal(y, x)
 
 
+def _graph_roundtrip(x: torch.Tensor, codebook: Codebook, out: torch.Tensor, y: torch.Tensor) -> int:
+    """Encode x into out and decode it into y (through a device pointer table) in a CUDA graph, which fails on any
+    synchronising call: a warm-up run on a side stream, the capture, then out and y zeroed and the graph replayed.
+    Returns the decode status code of the replay."""
+    dptr = torch.tensor([y.data_ptr()], dtype=torch.int64, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture
+        BE.encode_into([x], BF16, codebook, 12, out)
+        BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        BE.encode_into([x], BF16, codebook, 12, out)
+        st = BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
+    out.zero_()
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return int(st[0].item())
+
+
 def test_no_host_sync_and_graph_capture():
     x = kv_like(1 << 20, seed=9)
     cap = encode_capacity(x.numel(), 2)
@@ -244,27 +266,11 @@ def test_no_host_sync_and_graph_capture():
         torch.cuda.set_sync_debug_mode("default")
     BE.raise_for_status(status, out, BF16, x.numel())
     assert torch.equal(y, x)
-    # CUDA graph: capture fails on any synchronising call
     out2 = torch.empty_like(out)
     y2 = torch.empty_like(x)
-    dptr = torch.tensor([y2.data_ptr()], dtype=torch.int64, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture
-        BE.encode_into([x], BF16, BOOK, 12, out2)
-        BE.decode_table_into_async(out2, dptr, None, x.numel(), x.numel(), BF16)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        BE.encode_into([x], BF16, BOOK, 12, out2)
-        st2 = BE.decode_table_into_async(out2, dptr, None, x.numel(), x.numel(), BF16)
-    y2.zero_()
-    out2.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
+    assert _graph_roundtrip(x, BOOK, out2, y2) == 0
     length = parse_header(out[:HEADER_BYTES].cpu().numpy().tobytes()).payload_bytes
     assert torch.equal(out2[:length], out[:length])
-    assert int(st2[0].item()) == 0
     assert torch.equal(y2, x)
 
 
@@ -495,22 +501,7 @@ def test_exp2l_graph_capture():
     cb = cb22(x)
     out = torch.zeros(encode_capacity(x.numel(), 2), dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
-    dptr = torch.tensor([y.data_ptr()], dtype=torch.int64, device=DEV)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture
-        BE.encode_into([x], BF16, cb, 12, out)
-        BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        BE.encode_into([x], BF16, cb, 12, out)
-        st = BE.decode_table_into_async(out, dptr, None, x.numel(), x.numel(), BF16)
-    out.zero_()
-    y.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert int(st[0].item()) == 0 and torch.equal(y, x)
+    assert _graph_roundtrip(x, cb, out, y) == 0 and torch.equal(y, x)
     ref = reference.encode([x.cpu()], BF16, cb, 12)
     assert _mode(ref) == 2 and torch.equal(out[:ref.numel()].cpu(), ref)
 

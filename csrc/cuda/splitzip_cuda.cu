@@ -56,6 +56,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "splitzip/format.h"
 #include "splitzip_cuda.h"
@@ -361,157 +362,241 @@ struct EncArgs {
   const unsigned int* gate;  // EXP2L fallback: run only once enc2l_finish_kernel set *gate; null: always
 };
 
-// NP passes of 2048 elements per tile: tile = max(chunk, 8192) elements (exp4_encode_tile_elems), 4..32 chunks
+// One payload's EXP4 / RAW parts of an encode workspace (single encode: enc_work; batched: batch_work).
+struct EncWork {
+  EncCtl* ctl;         // cleared before the launch, with the look-back state
+  uint64_t* state;     // EXP4 look-back state, one u64 per tile
+  uint8_t* exp_stage;  // EXP4 exponent staging, exp_cap entries
+  uint64_t exp_cap;
+};
+
+// enc_exp4_kernel arguments of one payload (gate null). `table`: the EXP4 table, kMaxCodes entries of which the
+// first n_codes are exponents and the rest 0 (copied whole: a fixed trip count keeps the copy in registers).
+SZ_HD EncArgs make_enc_args(const SzRegions& src, uint8_t* out, const EncWork& w, int chunk_log2, int n_codes,
+                            const uint8_t* table) {
+  EncArgs a{};
+  a.src = src;
+  a.body = out + kHeaderBytes;
+  a.ctl = w.ctl;
+  a.state = w.state;
+  a.exp_stage = w.exp_stage;
+  a.exp_cap = w.exp_cap;
+  a.n = src.n;
+  const Exp4Layout l0 = Exp4Layout::compute(uint64_t(src.n), chunk_log2, 0);
+  a.n_chunks = l0.n_chunks;
+  a.off_codes = l0.off_codes;
+  a.off_counts = l0.off_counts;
+  a.off_pos = l0.off_pos;
+  a.chunk_log2 = chunk_log2;
+  a.n_codes = n_codes;
+  for (int i = 0; i < kMaxCodes; ++i) a.codebook[i] = table[i];
+  return a;
+}
+
+// ---- encode tiles (EXP4 here, EXP2L in splitzip_cuda_exp2l_enc.cuh) ----------------------------------------------
+// In-place exclusive scan of NQ (>= 32) shared counters by ONE warp; returns their total.
+template <int NQ>
+__device__ __forceinline__ uint32_t warp_excl_scan_smem(uint32_t* s) {
+  constexpr int PER = NQ / 32;
+  static_assert(NQ % 32 == 0, "NQ is a multiple of 32");
+  const int lane = threadIdx.x & 31;
+  uint32_t loc[PER], lsum = 0u;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) lsum += (loc[k] = s[lane * PER + k]);
+  const uint32_t incl = warp_incl_scan(lsum);
+  const uint32_t total = __shfl_sync(kFull, incl, 31);
+  uint32_t run = incl - lsum;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    s[lane * PER + k] = run;
+    run += loc[k];
+  }
+  __syncwarp();
+  return total;
+}
+
+// Count of chunk j of a tile from the exclusive prefixes `off` of its NQ slots of 256 elements (`total` after the
+// last): a chunk spans 2^spc_log2 whole slots.
+template <int NQ>
+__device__ __forceinline__ uint32_t chunk_count(const uint32_t* off, uint32_t total, int j, int spc_log2) {
+  const int q0 = j << spc_log2, q1 = (j + 1) << spc_log2;
+  return (q1 < NQ ? off[q1] : total) - off[q0];
+}
+
+// The source side of encode tile [ts, tend): tp = its first element; `fast` when the tile lies in one region and
+// tp is 16-byte aligned; cur = a region cursor for tiles that span regions.
+struct EncTileSrc {
+  int64_t ts, tend;
+  const uint16_t* tp;
+  bool fast;
+  RegionLoc cur;
+};
+
+__device__ __forceinline__ EncTileSrc enc_tile_src(const SzRegions& R, int64_t n, uint32_t tile, int64_t te) {
+  EncTileSrc t;
+  t.ts = int64_t(tile) * te;
+  t.tend = t.ts + te < n ? t.ts + te : n;
+  t.cur = region_of(R, t.ts);
+  t.tp = reinterpret_cast<const uint16_t*>(t.cur.base) + (t.ts - t.cur.start);
+  t.fast = t.cur.end >= t.tend && (reinterpret_cast<uintptr_t>(t.tp) & 15u) == 0;
+  return t;
+}
+
+// Elements [g, g+8) of the tile; zero past tend.
+__device__ __forceinline__ uint4 enc_load_group(const SzRegions& R, EncTileSrc& t, int64_t g) {
+  if (g >= t.tend) return make_uint4(0u, 0u, 0u, 0u);
+  if (t.fast && g + kGroup <= t.tend) return __ldg(reinterpret_cast<const uint4*>(t.tp + (g - t.ts)));
+  return load_group_cursor(R, t.cur, g, t.tend);
+}
+
+// Elements of the tile passed in one read: NP passes of 2048 (8 elements per thread and pass, one 16-byte load),
+// the loads of NB passes in flight together; f(p, g, v) for the group v at element g of pass p (every thread and
+// pass, also past tend, where v is 0).
+template <int NP, typename F>
+__device__ __forceinline__ void enc_tile_passes(const SzRegions& R, EncTileSrc& t, F f) {
+  constexpr int NB = NP < 4 ? NP : 4;
+  const int tid = threadIdx.x;
+#pragma unroll 1
+  for (int p0 = 0; p0 < NP; p0 += NB) {
+    uint4 v[NB];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) v[j] = enc_load_group(R, t, t.ts + int64_t(p0 + j) * kPassElems + tid * kGroup);
+#pragma unroll
+    for (int j = 0; j < NB; ++j) f(p0 + j, t.ts + int64_t(p0 + j) * kPassElems + tid * kGroup, v[j]);
+  }
+}
+
+// Escapes of one thread's group at element g of the tile (bits m8), by all 32 lanes of a warp whose first escape
+// has index `first`: positions in their chunks -> pos[k], exponents (re-read from the source) -> exps[k].
+__device__ __forceinline__ void enc_stage_escapes(const SzRegions& R, const EncTileSrc& t, int64_t g, uint32_t m8,
+                                                  uint64_t first, int chunk_log2, uint16_t* pos, uint8_t* exps) {
+  const uint32_t c = uint32_t(__popc(m8));
+  uint64_t k = first + (warp_incl_scan(c) - c);
+  const uint64_t cmask = (uint64_t(1) << chunk_log2) - 1;
+  while (m8) {
+    const int b = __ffs(m8) - 1;
+    m8 &= m8 - 1u;
+    const int64_t i = g + b;
+    const uint32_t x = (t.fast && g + kGroup <= t.tend) ? uint32_t(__ldg(t.tp + (i - t.ts))) : load_elem16(R, i);
+    pos[k] = uint16_t(uint64_t(i) & cmask);
+    exps[k] = uint8_t((x >> 7) & 0xFFu);
+    ++k;
+  }
+}
+
+template <int NP>
+struct Enc4Shared {
+  static constexpr int kNQ = NP * kWarps;  // (pass, warp) slots of 256 elements, in element order
+  uint8_t lut[256];                        // lut[e] = code of exponent e, or kLutEscape
+  uint8_t mask[NP * kThreads];             // escape bits of each thread's 8 elements, per pass
+  uint32_t off[kNQ];                       // escapes per slot, then their exclusive prefix in the tile
+  uint32_t ck[2][kWarps];                  // per-warp checksum A, B
+  uint32_t total;                          // escapes of the tile
+  unsigned long long excl;                 // escapes of all earlier tiles (look-back)
+};
+
+// Phase A for the group of 8 elements at g of pass p (all threads): sm bytes, packed codes, escape bits and counts.
+template <int NP>
+__device__ __forceinline__ void enc_exp4_group(const EncArgs& a, Enc4Shared<NP>& sh, int p, int64_t g, int64_t tend,
+                                               const uint4 v, uint32_t& ca, uint32_t& cb) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nvalid = g >= tend ? 0 : (g + kGroup <= tend ? kGroup : int(tend - g));
+  uint32_t sm_lo, sm_hi, codes, m8;
+  encode_group(v, sh.lut, sm_lo, sm_hi, codes, m8);
+  if (nvalid < kGroup) {  // tail of the data: no escapes, zero nibbles past n
+    m8 &= (1u << nvalid) - 1u;
+    codes &= nvalid ? (0xFFFFFFFFu >> (32 - 4 * nvalid)) : 0u;
+  }
+  checksum_vec(v, uint32_t(uint64_t(g) * 2u), ca, cb);
+  if (nvalid > 0) {
+    *reinterpret_cast<uint2*>(a.body + g) = make_uint2(sm_lo, sm_hi);
+    *reinterpret_cast<uint32_t*>(a.body + a.off_codes + uint64_t(g) / 2) = codes;
+  }
+  sh.mask[p * kThreads + tid] = uint8_t(m8);
+  const uint32_t wc = warp_sum_u32(uint32_t(__popc(m8)));
+  if (lane == 0) sh.off[p * kWarps + warp] = wc;
+}
+
+// Phase B (warp 0): slot prefixes, checksum, the tile's escape total published for the look-back and its
+// exclusive prefix, the tile's chunk counts (one chunk spans 2^(chunk_log2-8) slots).
+template <int NP>
+__device__ __forceinline__ void enc_exp4_tile_counts(const EncArgs& a, Enc4Shared<NP>& sh, uint32_t tile,
+                                                     int64_t ts) {
+  constexpr int NQ = Enc4Shared<NP>::kNQ;
+  const int lane = threadIdx.x & 31;
+  const uint32_t total = warp_excl_scan_smem<NQ>(sh.off);
+  const uint32_t xa = warp_sum_u32(lane < kWarps ? sh.ck[0][lane] : 0u);
+  const uint32_t xb = warp_sum_u32(lane < kWarps ? sh.ck[1][lane] : 0u);
+  if (lane == 0) {
+    atomicAdd(&a.ctl->sum_a, xa);
+    atomicAdd(&a.ctl->sum_b, xb);
+    publish_aggregate(a.state, tile, total);
+  }
+  __syncwarp();
+  const uint64_t excl = lookback_exclusive(a.state, tile, total);
+  const int spc_log2 = a.chunk_log2 - 8;
+  const uint64_t c = (uint64_t(ts) >> a.chunk_log2) + uint64_t(lane);
+  if (lane < (NQ >> spc_log2) && c < a.n_chunks) {
+    const uint32_t cnt = chunk_count<NQ>(sh.off, total, lane, spc_log2);
+    *reinterpret_cast<uint16_t*>(a.body + a.off_counts + 2 * c) = uint16_t(cnt);
+  }
+  if (lane == 0) {
+    sh.excl = excl;
+    sh.total = total;
+  }
+}
+
+// Phase C (all threads): escape positions into esc_pos, exponents into the staging area, unless the prefix alone
+// proves the payload RAW.
+template <int NP>
+__device__ __forceinline__ void enc_exp4_flush(const EncArgs& a, const Enc4Shared<NP>& sh, const EncTileSrc& t) {
+  constexpr int NQ = Enc4Shared<NP>::kNQ;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const uint64_t E = sh.excl;
+  const uint32_t T = sh.total;
+  if (T == 0) return;
+  const uint64_t ET = E + T;
+  // EXP4 needs align16(off_pos + 2M) + M < 2n with M >= E + T; otherwise the payload is RAW: skip escapes.
+  if (!(align16(a.off_pos + 2 * ET) + ET < uint64_t(a.n) * 2u) || ET > a.exp_cap) return;
+  uint16_t* pos = reinterpret_cast<uint16_t*>(a.body + a.off_pos);  // 16-byte aligned section
+#pragma unroll 1
+  for (int p = 0; p < NP; ++p) {
+    const int q = p * kWarps + warp;
+    if ((q + 1 < NQ ? sh.off[q + 1] : T) == sh.off[q]) continue;  // warp-uniform
+    enc_stage_escapes(a.src, t, t.ts + int64_t(p) * kPassElems + tid * kGroup, sh.mask[p * kThreads + tid],
+                      E + sh.off[q], a.chunk_log2, pos, a.exp_stage);
+  }
+}
+
+// NP passes of 2048 elements per tile: tile = max(chunk, 8192) elements (exp4_encode_tile_elems), 4..32 chunks.
+// One read of the input: sm bytes, codes and per-slot escape counts (A); the look-back (B); the escapes (C).
 template <int NP>
 __device__ __forceinline__ void enc_exp4_tile(const EncArgs& a, const uint32_t tile) {
-  constexpr int64_t TE = int64_t(NP) * kPassElems;
-  constexpr int NQ = NP * kWarps;        // (pass, warp) slots in element order
-  constexpr int NB = NP < 4 ? NP : 4;    // passes whose loads are in flight together
-  __shared__ uint32_t s_lut32[64];
-  __shared__ uint8_t s_mask[NP * kThreads];  // escape bits of each thread's 8 elements, per pass
-  __shared__ uint32_t s_off[NQ];
-  __shared__ uint32_t s_ck[2][kWarps];
-  __shared__ uint32_t s_total;
-  __shared__ unsigned long long s_excl;
-  uint8_t* s_lut = reinterpret_cast<uint8_t*>(s_lut32);
-
+  __shared__ Enc4Shared<NP> sh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   {  // lut[e] = code of exponent e = tid, or escape (codebook entries are distinct)
     uint32_t code = kLutEscape;
 #pragma unroll
     for (int j = 0; j < kMaxCodes; ++j)
       if (j < a.n_codes && uint32_t(a.codebook[j]) == uint32_t(tid)) code = uint32_t(j);
-    s_lut[tid] = uint8_t(code);
+    sh.lut[tid] = uint8_t(code);
   }
   __syncthreads();
-
-  const int64_t ts = int64_t(tile) * TE;
-  const int64_t tend = ts + TE < a.n ? ts + TE : a.n;
-  const RegionLoc L = region_of(a.src, ts);
-  const uint16_t* tp = reinterpret_cast<const uint16_t*>(L.base) + (ts - L.start);
-  const bool fast = L.end >= tend && (reinterpret_cast<uintptr_t>(tp) & 15u) == 0;
-  RegionLoc cur = L;  // cursor for tiles that span regions
-
+  EncTileSrc t = enc_tile_src(a.src, a.n, tile, int64_t(NP) * kPassElems);
   uint32_t ca = 0u, cb = 0u;
-
-#pragma unroll 1
-  for (int p0 = 0; p0 < NP; p0 += NB) {
-    uint4 v[NB];
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      const int64_t g = ts + int64_t(p0 + j) * kPassElems + tid * kGroup;
-      if (g >= tend)
-        v[j] = make_uint4(0u, 0u, 0u, 0u);
-      else if (fast && g + kGroup <= tend)
-        v[j] = __ldg(reinterpret_cast<const uint4*>(tp + (g - ts)));
-      else
-        v[j] = load_group_cursor(a.src, cur, g, tend);
-    }
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      const int p = p0 + j;
-      const int64_t g = ts + int64_t(p) * kPassElems + tid * kGroup;
-      const int nvalid = g >= tend ? 0 : (g + kGroup <= tend ? kGroup : int(tend - g));
-      uint32_t sm_lo, sm_hi, codes, m8;
-      encode_group(v[j], s_lut, sm_lo, sm_hi, codes, m8);
-      if (nvalid < kGroup) {  // tail of the data: no escapes, zero nibbles past n
-        m8 &= (1u << nvalid) - 1u;
-        codes &= nvalid ? (0xFFFFFFFFu >> (32 - 4 * nvalid)) : 0u;
-      }
-      checksum_vec(v[j], uint32_t(uint64_t(g) * 2u), ca, cb);
-      if (nvalid > 0) {
-        *reinterpret_cast<uint2*>(a.body + g) = make_uint2(sm_lo, sm_hi);
-        *reinterpret_cast<uint32_t*>(a.body + a.off_codes + uint64_t(g) / 2) = codes;
-      }
-      s_mask[p * kThreads + tid] = uint8_t(m8);
-      const uint32_t wc = warp_sum_u32(uint32_t(__popc(m8)));
-      if (lane == 0) s_off[p * kWarps + warp] = wc;
-    }
-  }
+  enc_tile_passes<NP>(a.src, t, [&](int p, int64_t g, const uint4 v) {
+    enc_exp4_group<NP>(a, sh, p, g, t.tend, v, ca, cb);
+  });
   ca = warp_sum_u32(ca);
   cb = warp_sum_u32(cb);
   if (lane == 0) {
-    s_ck[0][warp] = ca;
-    s_ck[1][warp] = cb;
+    sh.ck[0][warp] = ca;
+    sh.ck[1][warp] = cb;
   }
   __syncthreads();
-
-  if (warp == 0) {
-    // exclusive scan of the (pass, warp) escape counts, in element order
-    constexpr int PER = NQ >= 32 ? NQ / 32 : 1;
-    const bool active = lane * PER < NQ;
-    uint32_t loc[PER];
-    uint32_t lsum = 0;
-#pragma unroll
-    for (int k = 0; k < PER; ++k) {
-      loc[k] = active ? s_off[lane * PER + k] : 0u;
-      lsum += loc[k];
-    }
-    const uint32_t incl = warp_incl_scan(lsum);
-    const uint32_t total = __shfl_sync(kFull, incl, 31);
-    __syncwarp();
-    if (active) {
-      uint32_t run = incl - lsum;
-#pragma unroll
-      for (int k = 0; k < PER; ++k) {
-        s_off[lane * PER + k] = run;
-        run += loc[k];
-      }
-    }
-    const uint32_t xa = warp_sum_u32(lane < kWarps ? s_ck[0][lane] : 0u);
-    const uint32_t xb = warp_sum_u32(lane < kWarps ? s_ck[1][lane] : 0u);
-    if (lane == 0) {
-      atomicAdd(&a.ctl->sum_a, xa);
-      atomicAdd(&a.ctl->sum_b, xb);
-      publish_aggregate(a.state, tile, total);
-    }
-    __syncwarp();
-    const uint64_t excl = lookback_exclusive(a.state, tile, total);
-    // chunk counts of this tile (one chunk spans 2^(chunk_log2-8) slots of 256 elements)
-    const int spc_log2 = a.chunk_log2 - 8;
-    const int nch = NQ >> spc_log2;
-    if (lane < nch) {
-      const uint64_t c = (uint64_t(ts) >> a.chunk_log2) + uint64_t(lane);
-      if (c < a.n_chunks) {
-        const int q0 = lane << spc_log2, q1 = (lane + 1) << spc_log2;
-        const uint32_t cnt = (q1 < NQ ? s_off[q1] : total) - s_off[q0];
-        *reinterpret_cast<uint16_t*>(a.body + a.off_counts + 2 * c) = uint16_t(cnt);
-      }
-    }
-    if (lane == 0) {
-      s_excl = excl;
-      s_total = total;
-    }
-  }
+  if (warp == 0) enc_exp4_tile_counts<NP>(a, sh, tile, t.ts);
   __syncthreads();
-
-  const uint64_t E = s_excl;
-  const uint32_t T = s_total;
-  if (T == 0) return;
-  const uint64_t ET = E + T;
-  // EXP4 needs align16(off_pos + 2M) + M < 2n with M >= E + T; otherwise the payload is RAW: skip escapes.
-  if (!(align16(a.off_pos + 2 * ET) + ET < uint64_t(a.n) * 2u) || ET > a.exp_cap) return;
-  const uint64_t cmask = (uint64_t(1) << a.chunk_log2) - 1;
-#pragma unroll 1
-  for (int p = 0; p < NP; ++p) {
-    const int q = p * kWarps + warp;
-    const uint32_t qcnt = (q + 1 < NQ ? s_off[q + 1] : T) - s_off[q];
-    if (qcnt == 0) continue;  // warp-uniform
-    uint32_t m8 = s_mask[p * kThreads + tid];
-    const uint32_t c = uint32_t(__popc(m8));
-    const uint32_t incl = warp_incl_scan(c);
-    uint64_t k = E + s_off[q] + (incl - c);
-    const int64_t g = ts + int64_t(p) * kPassElems + tid * kGroup;
-    while (m8) {
-      const int b = __ffs(m8) - 1;
-      m8 &= m8 - 1u;
-      const int64_t i = g + b;
-      const uint32_t x = (fast && g + kGroup <= tend) ? uint32_t(__ldg(tp + (i - ts))) : load_elem16(a.src, i);
-      *reinterpret_cast<uint16_t*>(a.body + a.off_pos + 2 * k) = uint16_t(uint64_t(i) & cmask);
-      a.exp_stage[k] = uint8_t((x >> 7) & 0xFFu);
-      ++k;
-    }
-  }
+  enc_exp4_flush<NP>(a, sh, t);
 }
 
 // One block per tile; tiles are numbered in the order their blocks start (atomic counter): look-back progress.
@@ -522,6 +607,17 @@ __global__ void __launch_bounds__(kThreads) enc_exp4_kernel(const EncArgs a) {
   if (threadIdx.x == 0) s_tile = atomicAdd(&a.ctl->tile_counter, 1u);
   __syncthreads();
   enc_exp4_tile<NP>(a, s_tile);
+}
+
+// f(std::integral_constant<int, NP>{}) with NP = the 2048-element passes of an encode tile of chunk_log2
+// (exp4_encode_tile_elems): the template argument of enc_exp4_kernel, enc2l_kernel and enc_batch_kernel.
+template <typename F>
+static void with_enc_passes(int chunk_log2, F&& f) {
+  switch (chunk_log2) {
+    case 15: f(std::integral_constant<int, 16>{}); break;
+    case 14: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;  // chunk_log2 <= 13: 8192 elements
+  }
 }
 
 // RAW tile copy between the region table and a linear buffer, optionally adding checksum terms.
@@ -619,6 +715,26 @@ struct FinArgs {
   const unsigned int* gate;  // EXP2L fallback: run only once enc2l_finish_kernel set *gate; null: always
 };
 
+// enc_finish_kernel / enc_finish_body arguments of one payload (`table`: as make_enc_args); ntiles, raw_copied,
+// len_out and gate are left 0 for the caller.
+SZ_HD FinArgs make_fin_args(const SzRegions& src, uint8_t* out, const EncWork& w, int dtype, int chunk_log2,
+                            int n_codes, const uint8_t* table, uint64_t tag) {
+  FinArgs f{};
+  f.src = src;
+  f.out = out;
+  f.ctl = w.ctl;
+  f.state = w.state;
+  f.exp_stage = w.exp_stage;
+  f.n = src.n;
+  f.dtype = dtype;
+  f.esize = dtype_elem_size(dtype);
+  f.chunk_log2 = chunk_log2;
+  f.n_codes = n_codes;
+  f.tag = tag;
+  for (int i = 0; i < kMaxCodes; ++i) f.codebook[i] = table[i];
+  return f;
+}
+
 // Finish one payload with blocks [block, ..) of nblocks: header, gaps, staged exponents or the RAW fallback copy.
 // Reads what other blocks of the same launch may have written (batched encode: the last tile's block runs it)
 // through L2 (ld_relaxed / volatile / __ldcg), after the caller's fence.
@@ -699,6 +815,18 @@ struct DecCtl {  // 128 bytes at the start of the decode workspace, cleared befo
 };
 static_assert(sizeof(DecCtl) == 128, "DecCtl is 128 bytes");
 
+// The section offsets and tile count of a validated header's layout (Exp4Layout or Exp2lLayout) into `ctl`.
+template <typename Layout>
+SZ_HD void set_dec_layout(DecCtl* ctl, const Layout& l) {
+  ctl->n_chunks = l.n_chunks;
+  ctl->off_codes = l.off_codes;
+  ctl->off_counts = l.off_counts;
+  ctl->off_pos = l.off_pos;
+  ctl->off_exp = l.off_exp;
+  const uint64_t te = cudafmt::exp4_decode_tile_elems(l.chunk_log2);
+  ctl->ntiles = (l.n + te - 1) / te;
+}
+
 }  // namespace cudak
 }  // namespace splitzip
 
@@ -731,14 +859,7 @@ __global__ void __launch_bounds__(kThreads) dec_header_kernel(const uint8_t* pay
     ctl->n = h.n_elems;
     ctl->n_escapes = h.n_escapes;
     if (h.mode == kModeExp4) {
-      const Exp4Layout l = Exp4Layout::compute(h.n_elems, h.chunk_log2, h.n_escapes);
-      ctl->n_chunks = l.n_chunks;
-      ctl->off_codes = l.off_codes;
-      ctl->off_counts = l.off_counts;
-      ctl->off_pos = l.off_pos;
-      ctl->off_exp = l.off_exp;
-      const uint64_t te = cudafmt::exp4_decode_tile_elems(h.chunk_log2);
-      ctl->ntiles = (h.n_elems + te - 1) / te;
+      set_dec_layout(ctl, Exp4Layout::compute(h.n_elems, h.chunk_log2, h.n_escapes));
     } else if (h.mode == kModeExp2l) {
       dec2l_header(h, ctl, c2);
     }
@@ -1100,52 +1221,20 @@ static Enc2lWorkspace enc2l_workspace(uint8_t* ws, const EncPlan& p) {
   return w;
 }
 
-// The EXP4 pass (first min(16, n_codes) exponents), behind `gate` when it is the EXP2L fallback.
-static void launch_exp4(const SzRegions* src, const uint8_t* codebook, int n4, int chunk_log2, uint8_t* out,
-                        uint8_t* ws, const EncPlan& p, const unsigned int* gate, cudaStream_t stream) {
-  (void)stream;  // unused by the CPU emulation's launches
-  EncArgs a{};
-  a.src = *src;
-  a.body = out + kHeaderBytes;
-  a.ctl = reinterpret_cast<EncCtl*>(ws);
-  a.state = reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl));
-  a.exp_stage = ws + p.off_stage;
-  a.exp_cap = p.exp_cap;
-  a.n = src->n;
-  const Exp4Layout l0 = Exp4Layout::compute(uint64_t(src->n), chunk_log2, 0);
-  a.n_chunks = l0.n_chunks;
-  a.off_codes = l0.off_codes;
-  a.off_counts = l0.off_counts;
-  a.off_pos = l0.off_pos;
-  a.chunk_log2 = chunk_log2;
-  a.n_codes = n4;
-  for (int i = 0; i < n4; ++i) a.codebook[i] = codebook[i];
-  a.gate = gate;
-  const dim3 grid(unsigned(p.ntiles));
-  switch (chunk_log2) {
-    case 15: SZ_LAUNCH(enc_exp4_kernel<16>, grid, stream, a); break;
-    case 14: SZ_LAUNCH(enc_exp4_kernel<8>, grid, stream, a); break;
-    default: SZ_LAUNCH(enc_exp4_kernel<4>, grid, stream, a); break;  // chunk_log2 <= 13: 8192 elements
-  }
+// The EXP4 / RAW parts of the encode workspace (EncPlan).
+static EncWork enc_work(uint8_t* ws, const EncPlan& p) {
+  return EncWork{reinterpret_cast<EncCtl*>(ws), reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl)), ws + p.off_stage,
+                 p.exp_cap};
 }
 
-// enc_finish_kernel arguments of a single encode (EXP4 table of n4 exponents; gate / ntiles set by the caller).
-static FinArgs fin_args(const SzRegions* src, int dtype, const uint8_t* codebook, int n4, int chunk_log2,
-                        uint64_t tag, uint8_t* out, uint8_t* ws, const EncPlan& plan) {
-  FinArgs f{};
-  f.src = *src;
-  f.out = out;
-  f.ctl = reinterpret_cast<EncCtl*>(ws);
-  f.state = reinterpret_cast<uint64_t*>(ws + sizeof(EncCtl));
-  f.exp_stage = ws + plan.off_stage;
-  f.n = src->n;
-  f.dtype = dtype;
-  f.esize = dtype_elem_size(dtype);
-  f.chunk_log2 = chunk_log2;
-  f.n_codes = n4;
-  f.tag = tag;
-  for (int i = 0; i < n4; ++i) f.codebook[i] = codebook[i];
-  return f;
+// The EXP4 pass (table4: make_enc_args) over ntiles tiles, behind `gate` when it is the EXP2L fallback.
+static void launch_exp4(const SzRegions* src, const uint8_t* table4, int n4, int chunk_log2, uint8_t* out,
+                        const EncWork& w, uint64_t ntiles, const unsigned int* gate, cudaStream_t stream) {
+  (void)stream;  // unused by the CPU emulation's launches
+  EncArgs a = make_enc_args(*src, out, w, chunk_log2, n4, table4);
+  a.gate = gate;
+  const dim3 grid(static_cast<unsigned>(ntiles));
+  with_enc_passes(chunk_log2, [&](auto np) { SZ_LAUNCH(enc_exp4_kernel<decltype(np)::value>, grid, stream, a); });
 }
 
 }  // namespace cudak
@@ -1184,9 +1273,12 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
   const uint64_t raw_grid_cap = uint64_t(sm_count()) * 8;
   unsigned fin_grid = unsigned(raw_tiles < raw_grid_cap ? raw_tiles : raw_grid_cap);
   if (fin_grid == 0) fin_grid = 1;
-  const int n4 = n_codes < kMaxCodes ? n_codes : kMaxCodes;  // the EXP4 table (FORMAT.md §5)
+  const int n4 = n_codes < kMaxCodes ? n_codes : kMaxCodes;  // the EXP4 table (FORMAT.md §5), zero-filled
+  uint8_t table4[kMaxCodes] = {};
+  for (int i = 0; i < n4; ++i) table4[i] = codebook[i];
   const unsigned int* gate = nullptr;
-  FinArgs f = fin_args(src, dtype, codebook, n4, chunk_log2, tag, out, ws, plan);
+  const EncWork w4 = enc_work(ws, plan);
+  FinArgs f = make_fin_args(*src, out, w4, dtype, chunk_log2, n4, table4, tag);
   if (plan.exp2l) {  // EXP2L first; the kernels below run only if it loses
     const Enc2lWorkspace w = enc2l_workspace(ws, plan);
     launch_exp2l(src, codebook, n_codes, chunk_log2, tag, out, w, fin_grid, stream);
@@ -1195,7 +1287,7 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
   }
   f.gate = gate;
   if (plan.exp4) {
-    launch_exp4(src, codebook, n4, chunk_log2, out, ws, plan, gate, stream);
+    launch_exp4(src, table4, n4, chunk_log2, out, w4, plan.ntiles, gate, stream);
     f.ntiles = uint32_t(plan.ntiles);
     f.raw_copied = 0;
   } else if (plan.exp2l) {  // RAW fallback of the EXP2L attempt: the finish kernel copies the input
@@ -1204,8 +1296,7 @@ int splitzip_cuda_encode(const SzRegions* src, int dtype, const uint8_t* codeboo
   } else {
     if (n > 0) {
       const unsigned g = unsigned(raw_tiles < raw_grid_cap ? raw_tiles : raw_grid_cap);
-      SZ_LAUNCH(enc_raw_kernel, g, stream, *src, esize, out + kHeaderBytes, un * uint64_t(esize),
-                reinterpret_cast<EncCtl*>(ws));
+      SZ_LAUNCH(enc_raw_kernel, g, stream, *src, esize, out + kHeaderBytes, un * uint64_t(esize), w4.ctl);
     }
     f.ntiles = 0;
     f.raw_copied = 1;

@@ -37,43 +37,20 @@ __device__ __forceinline__ int batch_item_of(const SzBatchItem* items, int count
   return lo;
 }
 
-__device__ __forceinline__ EncArgs batch_enc_args(const BatchArgs& b, const SzBatchItem& it, EncCtl* ctl) {
-  EncArgs a{};
-  a.src = it.src;
-  a.body = it.out + kHeaderBytes;
-  a.ctl = ctl;
-  a.state = reinterpret_cast<uint64_t*>(b.ws + it.state_off);
-  a.exp_stage = b.ws + it.stage_off;
-  a.exp_cap = it.stage_cap;
-  a.n = it.src.n;
-  const Exp4Layout l0 = Exp4Layout::compute(uint64_t(it.src.n), b.chunk_log2, 0);
-  a.n_chunks = l0.n_chunks;
-  a.off_codes = l0.off_codes;
-  a.off_counts = l0.off_counts;
-  a.off_pos = l0.off_pos;
-  a.chunk_log2 = b.chunk_log2;
-  a.n_codes = b.n_codes;
-  for (int i = 0; i < 16; ++i) a.codebook[i] = b.codebook[i];
-  return a;
+// The item's parts of the workspace (splitzip_cuda_encode_batch_plan).
+__device__ __forceinline__ EncWork batch_work(const BatchArgs& b, const SzBatchItem& it, EncCtl* ctl) {
+  return EncWork{ctl, reinterpret_cast<uint64_t*>(b.ws + it.state_off), b.ws + it.stage_off, it.stage_cap};
 }
 
-__device__ __forceinline__ FinArgs batch_fin_args(const BatchArgs& b, const SzBatchItem& it, const EncCtl* ctl,
-                                                  int item) {
-  FinArgs f{};
-  f.src = it.src;
-  f.out = it.out;
-  f.ctl = ctl;
-  f.state = reinterpret_cast<const uint64_t*>(b.ws + it.state_off);
-  f.exp_stage = b.ws + it.stage_off;
-  f.n = it.src.n;
-  f.dtype = b.dtype;
-  f.esize = b.esize;
-  f.chunk_log2 = b.chunk_log2;
-  f.n_codes = b.n_codes;
+__device__ __forceinline__ EncArgs batch_enc_args(const BatchArgs& b, const SzBatchItem& it, EncCtl* ctl) {
+  return make_enc_args(it.src, it.out, batch_work(b, it, ctl), b.chunk_log2, b.n_codes, b.codebook);
+}
+
+__device__ __forceinline__ FinArgs batch_fin_args(const BatchArgs& b, const SzBatchItem& it, EncCtl* ctl, int item) {
+  FinArgs f = make_fin_args(it.src, it.out, batch_work(b, it, ctl), b.dtype, b.chunk_log2, b.n_codes, b.codebook,
+                            it.tag);
   f.ntiles = it.exp4 ? uint32_t(it.ntiles) : 0u;
   f.raw_copied = it.exp4 ? 0 : 1;
-  for (int i = 0; i < 16; ++i) f.codebook[i] = b.codebook[i];
-  f.tag = it.tag;
   f.len_out = b.lens + item;
   return f;
 }
@@ -176,11 +153,7 @@ int splitzip_cuda_encode_batch(const SzBatchItem* items_host, const SzBatchItem*
   b.ws = static_cast<uint8_t*>(workspace);
   b.lens = lens;
   const dim3 grid(unsigned(last.tile0 + last.ntiles));
-  switch (chunk_log2) {
-    case 15: SZ_LAUNCH(enc_batch_kernel<16>, grid, stream, b); break;
-    case 14: SZ_LAUNCH(enc_batch_kernel<8>, grid, stream, b); break;
-    default: SZ_LAUNCH(enc_batch_kernel<4>, grid, stream, b); break;
-  }
+  with_enc_passes(chunk_log2, [&](auto np) { SZ_LAUNCH(enc_batch_kernel<decltype(np)::value>, grid, stream, b); });
   return launch_result(cudaGetLastError());
 }
 

@@ -65,13 +65,7 @@ struct Dec2lArgs {
 // dec_header_kernel, EXP2L header valid for the destination: layout into the control blocks.
 __device__ __forceinline__ void dec2l_header(const Header& h, DecCtl* ctl, Dec2lCtl* c2) {
   const Exp2lLayout l = Exp2lLayout::compute(h.n_elems, h.chunk_log2, h.n_escapes, exp2l_sec_bytes(h));
-  ctl->n_chunks = l.n_chunks;
-  ctl->off_codes = l.off_codes;
-  ctl->off_counts = l.off_counts;
-  ctl->off_pos = l.off_pos;
-  ctl->off_exp = l.off_exp;
-  const uint64_t te = cudafmt::exp4_decode_tile_elems(h.chunk_log2);
-  ctl->ntiles = (h.n_elems + te - 1) / te;
+  set_dec_layout(ctl, l);
   c2->off_scounts = l.off_scounts;
   c2->off_sec = l.off_sec;
   c2->sec_bytes = l.sec_bytes;

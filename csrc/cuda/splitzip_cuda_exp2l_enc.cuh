@@ -1,5 +1,6 @@
 // EXP2L encode of the CUDA codec (FORMAT.md §3a, mode choice §5). Included by splitzip_cuda.cu after its EXP4
-// encode kernels (it uses their region helpers, look-back and EncCtl).
+// encode kernels (it uses their tile helpers enc_tile_src, enc_tile_passes and enc_stage_escapes, the region
+// helpers, look-back and EncCtl).
 //
 // One read of the input, like EXP4: tiles of max(2^chunk_log2, 8192) elements (whole chunks, NP passes of 2048),
 // one 256-thread block each, numbered in start order (atomic counter) for a decoupled look-back.
@@ -32,16 +33,21 @@ struct Enc2lCtl {             // 128 bytes of the encode workspace, cleared befo
 };
 static_assert(sizeof(Enc2lCtl) == 128, "Enc2lCtl is 128 bytes");
 
+struct Enc2lWorkspace {  // the EXP2L parts of an encode workspace (splitzip_cuda.cu EncPlan, enc2l_workspace)
+  Enc2lCtl* ctl;         // cleared before the launch, with the look-back states
+  uint64_t* state_sec;   // look-back: secondary bytes per tile
+  uint64_t* state_esc;   // look-back: escapes per tile
+  uint16_t* stage_cnt;   // escapes per chunk
+  uint16_t* stage_pos;   // escape positions in payload order (stage_cap entries)
+  uint8_t* stage_exp;    // escape exponents
+  uint64_t stage_cap;    // cudafmt::exp2l_escape_stage_cap
+  uint32_t ntiles;
+};
+
 struct Enc2lArgs {
   SzRegions src;
   uint8_t* body;          // out + 96
-  Enc2lCtl* ctl;
-  uint64_t* state_sec;    // look-back: secondary bytes per tile
-  uint64_t* state_esc;    // look-back: escapes per tile
-  uint16_t* stage_cnt;    // escapes per chunk
-  uint16_t* stage_pos;    // escape positions in payload order (stage_cap entries)
-  uint8_t* stage_exp;     // escape exponents
-  uint64_t stage_cap;     // cudafmt::exp2l_escape_stage_cap
+  Enc2lWorkspace w;
   int64_t n;
   uint64_t n_chunks;
   uint64_t off_codes;
@@ -95,27 +101,6 @@ __device__ __forceinline__ uint32_t exp2l_plane_word(uint32_t planes) {
   return w;
 }
 
-// In-place exclusive scan of NQ (>= 32) shared counters by ONE warp; returns their total.
-template <int NQ>
-__device__ __forceinline__ uint32_t warp_excl_scan_smem(uint32_t* s) {
-  constexpr int PER = NQ / 32;
-  static_assert(NQ % 32 == 0, "NQ is a multiple of 32");
-  const int lane = threadIdx.x & 31;
-  uint32_t loc[PER], lsum = 0u;
-#pragma unroll
-  for (int k = 0; k < PER; ++k) lsum += (loc[k] = s[lane * PER + k]);
-  const uint32_t incl = warp_incl_scan(lsum);
-  const uint32_t total = __shfl_sync(kFull, incl, 31);
-  uint32_t run = incl - lsum;
-#pragma unroll
-  for (int k = 0; k < PER; ++k) {
-    s[lane * PER + k] = run;
-    run += loc[k];
-  }
-  __syncwarp();
-  return total;
-}
-
 template <int NP>
 struct Enc2lShared {
   static constexpr int kNQ = NP * kWarps;                               // (pass, warp) slots of 256 elements
@@ -132,14 +117,6 @@ struct Enc2lShared {
   unsigned long long esec, eesc;  // sec bytes / escapes of all earlier tiles
 };
 static_assert(sizeof(Enc2lShared<16>) <= 44 * 1024, "EXP2L encode tile fits in static shared memory");
-
-// Elements [g, g+8) of the tile at ts (tp: its first element when `fast`: one aligned region); zero past tend.
-__device__ __forceinline__ uint4 enc_load_group(const SzRegions& R, const uint16_t* tp, bool fast, RegionLoc& cur,
-                                                int64_t g, int64_t ts, int64_t tend) {
-  if (g >= tend) return make_uint4(0u, 0u, 0u, 0u);
-  if (fast && g + kGroup <= tend) return __ldg(reinterpret_cast<const uint4*>(tp + (g - ts)));
-  return load_group_cursor(R, cur, g, tend);
-}
 
 // Phase A for the group of 8 elements at g of pass p (all threads; shuffles inside).
 template <int NP>
@@ -177,10 +154,9 @@ __device__ __forceinline__ void enc2l_tile_counts(const Enc2lArgs& a, Enc2lShare
   const uint64_t c = (uint64_t(ts) >> a.chunk_log2) + uint64_t(lane);
   uint32_t bytes = 0u;
   if (lane < (NQ >> spc_log2) && c < a.n_chunks) {
-    const int q0 = lane << spc_log2, q1 = (lane + 1) << spc_log2;
-    const uint32_t cnt = (q1 < NQ ? sh.moff[q1] : tm) - sh.moff[q0];
+    const uint32_t cnt = chunk_count<NQ>(sh.moff, tm, lane, spc_log2);
     *reinterpret_cast<uint16_t*>(a.body + a.off_scounts + 2 * c) = uint16_t(cnt);
-    a.stage_cnt[c] = uint16_t((q1 < NQ ? sh.eoff[q1] : te) - sh.eoff[q0]);
+    a.w.stage_cnt[c] = uint16_t(chunk_count<NQ>(sh.eoff, te, lane, spc_log2));
     bytes = (cnt + 1u) / 2u;
   }
   const uint32_t incl = warp_incl_scan(bytes);
@@ -190,11 +166,11 @@ __device__ __forceinline__ void enc2l_tile_counts(const Enc2lArgs& a, Enc2lShare
   const uint32_t xb = warp_sum_u32(lane < kWarps ? sh.red[1][lane] : 0u);
   const uint32_t xm = warp_sum_u32(lane < kWarps ? sh.red[2][lane] : 0u);
   if (lane == 0) {
-    atomicAdd(&a.ctl->base.sum_a, xa);  // mod 2^32 and order-free: deterministic
-    atomicAdd(&a.ctl->base.sum_b, xb);
-    atomicAdd(&a.ctl->m4, static_cast<unsigned long long>(xm));
-    publish_aggregate(a.state_sec, tile, tsec);
-    publish_aggregate(a.state_esc, tile, te);
+    atomicAdd(&a.w.ctl->base.sum_a, xa);  // mod 2^32 and order-free: deterministic
+    atomicAdd(&a.w.ctl->base.sum_b, xb);
+    atomicAdd(&a.w.ctl->m4, static_cast<unsigned long long>(xm));
+    publish_aggregate(a.w.state_sec, tile, tsec);
+    publish_aggregate(a.w.state_esc, tile, te);
     sh.tm = tm;
     sh.tsec = tsec;
     sh.tesc = te;
@@ -225,67 +201,40 @@ __device__ __forceinline__ void enc2l_place_sec(const Enc2lArgs& a, Enc2lShared<
 
 // Phase D (all threads): sec bytes to the payload, escapes to the staging area, unless EXP2L already lost.
 template <int NP>
-__device__ __forceinline__ void enc2l_flush(const Enc2lArgs& a, const Enc2lShared<NP>& sh, int64_t ts,
-                                            int64_t tend, const uint16_t* tp, bool fast) {
+__device__ __forceinline__ void enc2l_flush(const Enc2lArgs& a, const Enc2lShared<NP>& sh, const EncTileSrc& t) {
   constexpr int NQ = Enc2lShared<NP>::kNQ;
   const int tid = threadIdx.x, warp = tid >> 5;
   const uint64_t esec = sh.esec, eesc = sh.eesc, n = uint64_t(a.n);
   const uint32_t tsec = sh.tsec, te = sh.tesc;
   // the payload needs at least the layout of these prefixes: at >= 2n bytes RAW wins (FORMAT.md §5)
-  if (Exp2lLayout::compute(n, a.chunk_log2, eesc + te, esec + tsec).body_bytes >= 2 * n || eesc + te > a.stage_cap)
+  if (Exp2lLayout::compute(n, a.chunk_log2, eesc + te, esec + tsec).body_bytes >= 2 * n || eesc + te > a.w.stage_cap)
     return;
   const uint8_t* sb = reinterpret_cast<const uint8_t*>(sh.secw);  // little-endian: nibble 2k = low half of byte k
   for (uint32_t k = uint32_t(tid); k < tsec; k += kThreads) a.body[a.off_sec + esec + k] = sb[k];
   if (te == 0u) return;
-  const uint64_t cmask = (uint64_t(1) << a.chunk_log2) - 1;
 #pragma unroll 1
   for (int p = 0; p < NP; ++p) {
     const int q = p * kWarps + warp;
     if ((q + 1 < NQ ? sh.eoff[q + 1] : te) == sh.eoff[q]) continue;  // warp-uniform
-    uint32_t m8 = uint32_t(sh.bits[p * kThreads + tid]) >> 8;
-    const uint32_t c = uint32_t(__popc(m8));
-    const uint32_t incl = warp_incl_scan(c);
-    uint64_t k = eesc + sh.eoff[q] + (incl - c);
-    const int64_t g = ts + int64_t(p) * kPassElems + tid * kGroup;
-    while (m8) {
-      const int b = __ffs(m8) - 1;
-      m8 &= m8 - 1u;
-      const int64_t i = g + b;
-      const uint32_t x = (fast && g + kGroup <= tend) ? uint32_t(__ldg(tp + (i - ts))) : load_elem16(a.src, i);
-      a.stage_pos[k] = uint16_t(uint64_t(i) & cmask);
-      a.stage_exp[k] = uint8_t((x >> 7) & 0xFFu);
-      ++k;
-    }
+    const uint32_t m8 = uint32_t(sh.bits[p * kThreads + tid]) >> 8;
+    enc_stage_escapes(a.src, t, t.ts + int64_t(p) * kPassElems + tid * kGroup, m8, eesc + sh.eoff[q], a.chunk_log2,
+                      a.w.stage_pos, a.w.stage_exp);
   }
 }
 
 // One EXP2L encode tile: max(2^chunk_log2, 8192) elements = NP passes of 2048 (whole chunks, <= 32 of them).
 template <int NP>
 __device__ __forceinline__ void enc2l_tile(const Enc2lArgs& a, const uint32_t tile) {
-  constexpr int64_t TE = int64_t(NP) * kPassElems;
-  constexpr int NB = NP < 4 ? NP : 4;  // passes whose loads are in flight together
   __shared__ Enc2lShared<NP> sh;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   sh.lut[tid] = a.lut[tid];
   for (int k = tid; k < Enc2lShared<NP>::kSecWords; k += kThreads) sh.secw[k] = 0u;
   __syncthreads();
-  const int64_t ts = int64_t(tile) * TE;
-  const int64_t tend = ts + TE < a.n ? ts + TE : a.n;
-  const RegionLoc L = region_of(a.src, ts);
-  const uint16_t* tp = reinterpret_cast<const uint16_t*>(L.base) + (ts - L.start);
-  const bool fast = L.end >= tend && (reinterpret_cast<uintptr_t>(tp) & 15u) == 0;
-  RegionLoc cur = L;
+  EncTileSrc t = enc_tile_src(a.src, a.n, tile, int64_t(NP) * kPassElems);
   uint32_t ca = 0u, cb = 0u, m4 = 0u;
-#pragma unroll 1
-  for (int p0 = 0; p0 < NP; p0 += NB) {
-    uint4 v[NB];
-#pragma unroll
-    for (int j = 0; j < NB; ++j)
-      v[j] = enc_load_group(a.src, tp, fast, cur, ts + int64_t(p0 + j) * kPassElems + tid * kGroup, ts, tend);
-#pragma unroll
-    for (int j = 0; j < NB; ++j)
-      enc2l_group<NP>(a, sh, p0 + j, ts + int64_t(p0 + j) * kPassElems + tid * kGroup, tend, v[j], ca, cb, m4);
-  }
+  enc_tile_passes<NP>(a.src, t, [&](int p, int64_t g, const uint4 v) {
+    enc2l_group<NP>(a, sh, p, g, t.tend, v, ca, cb, m4);
+  });
   ca = warp_sum_u32(ca);
   cb = warp_sum_u32(cb);
   m4 = warp_sum_u32(m4);
@@ -295,11 +244,11 @@ __device__ __forceinline__ void enc2l_tile(const Enc2lArgs& a, const uint32_t ti
     sh.red[2][warp] = m4;
   }
   __syncthreads();
-  if (warp == 0) enc2l_tile_counts<NP>(a, sh, tile, ts);
+  if (warp == 0) enc2l_tile_counts<NP>(a, sh, tile, t.ts);
   __syncthreads();
   if (warp == 0) {  // the other warps place their nibbles meanwhile
-    const uint64_t es = lookback_exclusive(a.state_sec, tile, sh.tsec);
-    const uint64_t ee = lookback_exclusive(a.state_esc, tile, sh.tesc);
+    const uint64_t es = lookback_exclusive(a.w.state_sec, tile, sh.tsec);
+    const uint64_t ee = lookback_exclusive(a.w.state_esc, tile, sh.tesc);
     if (lane == 0) {
       sh.esec = es;
       sh.eesc = ee;
@@ -307,27 +256,21 @@ __device__ __forceinline__ void enc2l_tile(const Enc2lArgs& a, const uint32_t ti
   }
   enc2l_place_sec<NP>(a, sh);
   __syncthreads();
-  enc2l_flush<NP>(a, sh, ts, tend, tp, fast);
+  enc2l_flush<NP>(a, sh, t);
 }
 
 template <int NP>
 __global__ void __launch_bounds__(kThreads) enc2l_kernel(const Enc2lArgs a) {
   __shared__ uint32_t s_tile;
-  if (threadIdx.x == 0) s_tile = atomicAdd(&a.ctl->base.tile_counter, 1u);
+  if (threadIdx.x == 0) s_tile = atomicAdd(&a.w.ctl->base.tile_counter, 1u);
   __syncthreads();
   enc2l_tile<NP>(a, s_tile);
 }
 
 struct Fin2lArgs {
   uint8_t* out;
-  Enc2lCtl* ctl;
-  const uint64_t* state_sec;
-  const uint64_t* state_esc;
-  const uint16_t* stage_cnt;
-  const uint16_t* stage_pos;
-  const uint8_t* stage_exp;
+  Enc2lWorkspace w;
   int64_t n;
-  uint32_t ntiles;
   int chunk_log2;
   int n_codes;
   uint8_t codebook[kMaxCodebook];
@@ -338,7 +281,7 @@ struct Fin2lArgs {
 __device__ __forceinline__ void enc2l_header(const Fin2lArgs& a, const Exp2lLayout& l, const uint32_t* crc_tab) {
   __align__(16) uint8_t hb[kHeaderBytes];
   pack_header(make_exp2l_header(a.codebook, a.n_codes, a.chunk_log2, l.n, l.n_escapes, l.sec_bytes, l.body_bytes,
-                                vload(&a.ctl->base.sum_a), vload(&a.ctl->base.sum_b), a.tag),
+                                vload(&a.w.ctl->base.sum_a), vload(&a.w.ctl->base.sum_b), a.tag),
               hb, crc_tab);
 #pragma unroll
   for (int i = 0; i < kHeaderBytes / 16; ++i)
@@ -359,12 +302,12 @@ __global__ void __launch_bounds__(kThreads) enc2l_finish_kernel(const Fin2lArgs 
   __shared__ uint32_t s_crc[256];
   const int tid = threadIdx.x;
   const uint64_t n = uint64_t(a.n);
-  const uint64_t sec_bytes = ld_relaxed(a.state_sec + (a.ntiles - 1)) & kValMask;  // last inclusive prefixes
-  const uint64_t m = ld_relaxed(a.state_esc + (a.ntiles - 1)) & kValMask;
+  const uint64_t sec_bytes = ld_relaxed(a.w.state_sec + (a.w.ntiles - 1)) & kValMask;  // last inclusive prefixes
+  const uint64_t m = ld_relaxed(a.w.state_esc + (a.w.ntiles - 1)) & kValMask;
   const Exp2lLayout l = Exp2lLayout::compute(n, a.chunk_log2, m, sec_bytes);
-  const uint64_t b4 = Exp4Layout::compute(n, a.chunk_log2, a.ctl->m4).body_bytes;
+  const uint64_t b4 = Exp4Layout::compute(n, a.chunk_log2, a.w.ctl->m4).body_bytes;
   if (!(l.body_bytes < (b4 < 2 * n ? b4 : 2 * n))) {  // ties go to the simpler mode
-    if (blockIdx.x == 0 && tid == 0) a.ctl->gate = 1u;
+    if (blockIdx.x == 0 && tid == 0) a.w.ctl->gate = 1u;
     return;
   }
   if (blockIdx.x == 0) {
@@ -375,25 +318,14 @@ __global__ void __launch_bounds__(kThreads) enc2l_finish_kernel(const Fin2lArgs 
   uint8_t* body = a.out + kHeaderBytes;
   const uint64_t stride = uint64_t(gridDim.x) * kThreads, first = uint64_t(blockIdx.x) * kThreads + tid;
   for (uint64_t j = first; j < l.n_chunks; j += stride)
-    *reinterpret_cast<uint16_t*>(body + l.off_counts + 2 * j) = a.stage_cnt[j];
+    *reinterpret_cast<uint16_t*>(body + l.off_counts + 2 * j) = a.w.stage_cnt[j];
   for (uint64_t j = first; j < m; j += stride) {
-    *reinterpret_cast<uint16_t*>(body + l.off_pos + 2 * j) = a.stage_pos[j];
-    body[l.off_exp + j] = a.stage_exp[j];
+    *reinterpret_cast<uint16_t*>(body + l.off_pos + 2 * j) = a.w.stage_pos[j];
+    body[l.off_exp + j] = a.w.stage_exp[j];
   }
 }
 
 // ---- host side ------------------------------------------------------------------------------------------------
-struct Enc2lWorkspace {  // the EXP2L parts of an encode workspace (splitzip_cuda.cu EncPlan)
-  Enc2lCtl* ctl;         // cleared before the launch, with the look-back states
-  uint64_t* state_sec;
-  uint64_t* state_esc;
-  uint16_t* stage_cnt;
-  uint16_t* stage_pos;
-  uint8_t* stage_exp;
-  uint64_t stage_cap;
-  uint32_t ntiles;
-};
-
 // The EXP2L attempt: tiles, then the mode choice, which opens w.ctl->gate for the kernels queued after it if EXP2L
 // loses. `codebook`: n_codes (<= 22) distinct exponents, most frequent first; n > 0, bf16.
 static void launch_exp2l(const SzRegions* src, const uint8_t* codebook, int n_codes, int chunk_log2, uint64_t tag,
@@ -402,13 +334,7 @@ static void launch_exp2l(const SzRegions* src, const uint8_t* codebook, int n_co
   Enc2lArgs a{};
   a.src = *src;
   a.body = out + kHeaderBytes;
-  a.ctl = w.ctl;
-  a.state_sec = w.state_sec;
-  a.state_esc = w.state_esc;
-  a.stage_cnt = w.stage_cnt;
-  a.stage_pos = w.stage_pos;
-  a.stage_exp = w.stage_exp;
-  a.stage_cap = w.stage_cap;
+  a.w = w;
   a.n = src->n;
   const Exp2lLayout l0 = Exp2lLayout::compute(uint64_t(src->n), chunk_log2, 0, 0);
   a.n_chunks = l0.n_chunks;
@@ -418,21 +344,12 @@ static void launch_exp2l(const SzRegions* src, const uint8_t* codebook, int n_co
   a.chunk_log2 = chunk_log2;
   a.t4 = exp2l_exp4_sec_threshold(n_codes);
   exp2l_encode_lut(codebook, n_codes, a.lut);
-  switch (chunk_log2) {
-    case 15: SZ_LAUNCH(enc2l_kernel<16>, dim3(w.ntiles), stream, a); break;
-    case 14: SZ_LAUNCH(enc2l_kernel<8>, dim3(w.ntiles), stream, a); break;
-    default: SZ_LAUNCH(enc2l_kernel<4>, dim3(w.ntiles), stream, a); break;  // chunk_log2 <= 13: 8192 elements
-  }
+  const dim3 grid(w.ntiles);
+  with_enc_passes(chunk_log2, [&](auto np) { SZ_LAUNCH(enc2l_kernel<decltype(np)::value>, grid, stream, a); });
   Fin2lArgs f{};
   f.out = out;
-  f.ctl = w.ctl;
-  f.state_sec = w.state_sec;
-  f.state_esc = w.state_esc;
-  f.stage_cnt = w.stage_cnt;
-  f.stage_pos = w.stage_pos;
-  f.stage_exp = w.stage_exp;
+  f.w = w;
   f.n = src->n;
-  f.ntiles = w.ntiles;
   f.chunk_log2 = chunk_log2;
   f.n_codes = n_codes;
   for (int i = 0; i < n_codes; ++i) f.codebook[i] = codebook[i];

@@ -1,7 +1,8 @@
 """Triton kernels of the EXP2L mode (FORMAT.md §3a: two-level exponent code), encode and decode.
 
 Imported lazily by :mod:`splitzip_vllm.codec.backends.triton_backend` next to :mod:`.triton_kernels`, whose region
-helpers, header sealing and checksum terms these kernels share (so both modules are compiled or interpreted alike).
+helpers, header sealing, checksum terms and escape patching these kernels share (so both modules are compiled or
+interpreted alike).
 
 Work is split into *tiles* (``TILE`` elements per program, a multiple of 64) and counted per *unit*
 (``UNIT = min(TILE, 2^chunk_log2)`` elements): a unit never straddles a chunk and a tile holds ``TILE // UNIT``
@@ -28,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (HEADER_BYTES, LUT_ESCAPE, _bf16_sums, _gather, _header_base, _put, _scatter,
-                             _seal_header)
+from .triton_kernels import (HEADER_BYTES, LUT_ESCAPE, _bf16_of, _bf16_sums, _gather, _header_base, _load_u16,
+                             _patch_escapes, _put, _scatter, _seal_header, _tile)
 
 _NOSPEC = ["R", "n", "hb", "n_units", "upc", "n_chunks", "chunk_log2", "off_codes", "off_scounts", "off_sec",
            "off_counts", "off_pos", "off_pos4", "n_esc", "n_codes", "sec_bytes", "tag"]
@@ -56,23 +57,9 @@ def _a16(x):
 
 
 @triton.jit
-def _tile(n, TILE: tl.constexpr):
-    t = tl.program_id(0)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, n.to(tl.int64))
-    idx = lo + tl.arange(0, TILE)
-    return t, lo, hi, idx, idx < hi
-
-
-@triton.jit
 def _store_u16(ptr, v, mask):
     tl.store(ptr, (v & 0xFF).to(tl.uint8), mask=mask)
     tl.store(ptr + 1, ((v >> 8) & 0xFF).to(tl.uint8), mask=mask)
-
-
-@triton.jit
-def _load_u16(ptr, mask):
-    return tl.load(ptr, mask=mask, other=0).to(tl.int64) | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int64) << 8)
 
 
 @triton.jit
@@ -333,8 +320,7 @@ def exp2l_decode_dense(payload, hb, y0, ptrs, starts, R, n, okp, incl, chunks, c
     s = (sb >> ((r & 1) * 4).to(tl.int32)) & 15
     e_sec = tl.load(payload + 72 + s, mask=mm & (s < 15), other=0)          # sec_table[15] = 0
     e_pri = tl.load(payload + 16 + p, mask=valid & (p < 7), other=0)
-    e = tl.where(mark, e_sec, e_pri).to(tl.int32)
-    x = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
+    x = _bf16_of(sm, tl.where(mark, e_sec, e_pri).to(tl.int32))
     _scatter(y0, ptrs, starts, R, idx, x.to(tl.int16), (valid.to(tl.int32) & ok) != 0, lo, hi, tl.int16,
              MULTI, ALIGN)
     ck_a, ck_b = _bf16_sums(x, idx)
@@ -348,33 +334,6 @@ def exp2l_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, 
     """Per chunk, after exp2l_decode_dense and only when everything validated: overwrite the escaped elements
     with their raw exponents and write the checksum change. The old value is read back from the destination
     (recomputing it would need the element's marker rank); positions are unique (validated), so the change is
-    exact."""
-    c = tl.program_id(0)
-    n64 = n.to(tl.int64)
-    cs = c.to(tl.int64) << chunk_log2
-    clen = tl.minimum(n64 - cs, 1 << chunk_log2)
-    ok = tl.load(okp) != 0
-    cc = tl.where(ok, tl.load(counts + c), 0)
-    base = tl.load(incl + c) - tl.load(counts + c)
-    body = payload + hb
-    M32 = tl.full([], 4294967295, tl.int64)
-    da = tl.zeros([EB], tl.int64)
-    db = tl.zeros([EB], tl.int64)
-    for j0 in range(0, cc, EB):
-        jj = j0 + tl.arange(0, EB)
-        kk = base + jj
-        m = (jj < cc) & (kk < n_esc.to(tl.int64))
-        p = _load_u16(body + off_pos + 2 * kk, m)
-        m = m & (p < clen)
-        g = cs + p
-        sm = tl.load(body + g, mask=m, other=0).to(tl.int32)
-        x_new = ((sm & 0x80) << 8) | (tl.load(body + off_exp + kk, mask=m, other=0).to(tl.int32) << 7) | (sm & 0x7F)
-        x_old = _gather(y0, ptrs, starts, R, g, m, cs, cs + clen, EB, tl.int16, MULTI, ALIGN).to(tl.int32) & 0xFFFF
-        _scatter(y0, ptrs, starts, R, g, x_new.to(tl.int16), m, cs, cs + clen, tl.int16, MULTI, ALIGN)
-        d_lo = tl.where(m, (x_new & 0xFF) - (x_old & 0xFF), 0).to(tl.int64)
-        d_hi = tl.where(m, (x_new >> 8) - (x_old >> 8), 0).to(tl.int64)
-        w = (2 * g + 1) & M32
-        da += d_lo + d_hi
-        db += w * d_lo + ((w + 1) & M32) * d_hi
-    tl.store(ck + 2 * c, tl.sum(da, 0) & M32)
-    tl.store(ck + 2 * c + 1, tl.sum(db, 0) & M32)
+    exact (_patch_escapes)."""
+    _patch_escapes(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, 0, off_pos, off_exp,
+                   MULTI, ALIGN, EB, True)

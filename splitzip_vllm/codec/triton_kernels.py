@@ -183,17 +183,34 @@ def _bf16_sums(x, idx):
     return tl.sum(b_lo + b_hi, 0), tl.sum(w * b_lo + ((w + 1) & M32) * b_hi, 0) & M32
 
 
+@triton.jit
+def _tile(n, TILE: tl.constexpr):
+    """This program's tile of [0, n): (tile index, first element, end, element indices, lanes inside [0, n))."""
+    t = tl.program_id(0)
+    lo = t.to(tl.int64) * TILE
+    hi = tl.minimum(lo + TILE, n.to(tl.int64))
+    idx = lo + tl.arange(0, TILE)
+    return t, lo, hi, idx, idx < hi
+
+
+@triton.jit
+def _load_u16(ptr, mask):
+    return tl.load(ptr, mask=mask, other=0).to(tl.int64) | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int64) << 8)
+
+
+@triton.jit
+def _bf16_of(sm, e):
+    """bfloat16 bit patterns (int32) from sm bytes and exponents (int32)."""
+    return ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
+
+
 # --------------------------------------------------------------------------------------------- RAW
 
 @_jit
 def raw_encode_kernel(x0, ptrs, starts, R, nb, out, ck, MULTI: tl.constexpr, ALIGN: tl.constexpr,
                       TILE: tl.constexpr):
     """Copy bytes of the regions to the body (out + HEADER_BYTES) and write this tile's checksum terms."""
-    t = tl.program_id(0)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, nb.to(tl.int64))
-    idx = lo + tl.arange(0, TILE)
-    valid = idx < hi
+    t, lo, hi, idx, valid = _tile(nb, TILE)
     b = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.uint8, MULTI, ALIGN)
     tl.store(out + HEADER_BYTES + idx, b, mask=valid)
     bi = b.to(tl.int64)
@@ -207,11 +224,7 @@ def raw_decode_kernel(payload, hb, y0, ptrs, starts, R, nb, ck, MULTI: tl.conste
                       TILE: tl.constexpr):
     """Copy the RAW body (at payload + hb, the payload's header length) into the regions and write this tile's
     checksum terms."""
-    t = tl.program_id(0)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, nb.to(tl.int64))
-    idx = lo + tl.arange(0, TILE)
-    valid = idx < hi
+    t, lo, hi, idx, valid = _tile(nb, TILE)
     b = tl.load(payload + hb + idx, mask=valid, other=0)
     _scatter(y0, ptrs, starts, R, idx, b, valid, lo, hi, tl.uint8, MULTI, ALIGN)
     bi = b.to(tl.int64)
@@ -239,12 +252,8 @@ def exp4_encode_pass1(x0, ptrs, starts, R, n, out, cbt, cnt, ck, off_codes, skip
     ``skip`` is non-zero: the two-level encoder launches the EXP4 and EXP2L kernels alike and lets the device-side
     mode choice skip one of them (no host sync)."""
     if tl.load(skip) == 0:
-        t = tl.program_id(0)
+        t, lo, hi, idx, valid = _tile(n, TILE)
         n64 = n.to(tl.int64)
-        lo = t.to(tl.int64) * TILE
-        hi = tl.minimum(lo + TILE, n64)
-        idx = lo + tl.arange(0, TILE)
-        valid = idx < hi
         x = _gather(x0, ptrs, starts, R, idx, valid, lo, hi, TILE, tl.int16, MULTI, ALIGN)
         x = x.to(tl.int32) & 0xFFFF
         e = (x >> 7) & 0xFF
@@ -271,7 +280,7 @@ def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n
     the chunk count when it starts a chunk) or copy its raw bytes. Program 0 writes the header and zero gaps.
     Nothing when the flag at ``skip`` is non-zero (EXP2L chosen, see exp4_encode_pass1)."""
     if tl.load(skip) == 0:
-        t = tl.program_id(0)
+        t, lo, hi, idx, valid = _tile(n, TILE)
         n64 = n.to(tl.int64)
         n_esc = tl.load(incl + n_tiles - 1)
         off_exp = (off_pos + 2 * n_esc + 15) // 16 * 16
@@ -295,10 +304,6 @@ def exp4_encode_pass2(x0, ptrs, starts, R, n, out, cbt, dtab, cnt, incl, sums, n
                 tl.store(body + s3, zero, mask=s3 < off_pos)
                 s4 = off_pos + 2 * n_esc + g
                 tl.store(body + s4, zero, mask=s4 < off_exp)
-        lo = t.to(tl.int64) * TILE
-        hi = tl.minimum(lo + TILE, n64)
-        idx = lo + tl.arange(0, TILE)
-        valid = idx < hi
         if exp4:
             c_t = tl.load(cnt + t)
             k0 = tl.load(incl + t) - c_t
@@ -364,18 +369,12 @@ def exp4_decode_dense(payload, hb, y0, ptrs, starts, R, n, okp, ck, off_codes, M
                       ALIGN: tl.constexpr, TILE: tl.constexpr):
     """Per tile: x = sm + codebook[code] exponent, stored to the regions (only when the escape table
     validated); checksum terms of the dense values."""
-    t = tl.program_id(0)
-    n64 = n.to(tl.int64)
-    lo = t.to(tl.int64) * TILE
-    hi = tl.minimum(lo + TILE, n64)
-    idx = lo + tl.arange(0, TILE)
-    valid = idx < hi
+    t, lo, hi, idx, valid = _tile(n, TILE)
     body = payload + hb
     sm = tl.load(body + idx, mask=valid, other=0).to(tl.int32)
     cb = tl.load(body + off_codes + idx // 2, mask=valid, other=0).to(tl.int32)
     code = (cb >> ((idx & 1) * 4).to(tl.int32)) & 0xF
-    e = tl.load(payload + 16 + code, mask=valid, other=0).to(tl.int32)
-    x = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
+    x = _bf16_of(sm, tl.load(payload + 16 + code, mask=valid, other=0).to(tl.int32))
     # (a vector mask & a scalar flag is spelled with int32: the interpreter mistypes the plain &)
     ok = (tl.load(okp) != 0).to(tl.int32)
     _scatter(y0, ptrs, starts, R, idx, x.to(tl.int16), (valid.to(tl.int32) & ok) != 0, lo, hi, tl.int16, MULTI,
@@ -385,18 +384,19 @@ def exp4_decode_dense(payload, hb, y0, ptrs, starts, R, n, okp, ck, off_codes, M
     tl.store(ck + 2 * t + 1, ck_b)
 
 
-@_jit
-def exp4_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
-                      off_pos, off_exp, MULTI: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr):
-    """Per chunk: overwrite its escaped elements with their raw exponents (after exp4_decode_dense, only when the
-    escape table validated) and write the checksum change this makes (positions are unique: validated)."""
+@triton.jit
+def _patch_escapes(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
+                   off_pos, off_exp, MULTI: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr,
+                   READBACK: tl.constexpr):
+    """Per chunk, after the dense kernel and only when the flag at ``okp`` is set (everything validated): overwrite
+    the chunk's escaped elements with their raw exponents and write the checksum change this makes (positions are
+    unique: validated, so the change is exact). The old value is the element's 4-bit code's exponent (EXP4,
+    ``off_codes``), or with ``READBACK`` (EXP2L: recomputing it would need the element's marker rank) read back
+    from the destination."""
     c = tl.program_id(0)
-    n64 = n.to(tl.int64)
-    m_esc = n_esc.to(tl.int64)
     cs = c.to(tl.int64) << chunk_log2
-    clen = tl.minimum(n64 - cs, 1 << chunk_log2)
-    ok = tl.load(okp) != 0
-    cc = tl.where(ok, tl.load(counts + c), 0)
+    clen = tl.minimum(n.to(tl.int64) - cs, 1 << chunk_log2)
+    cc = tl.where(tl.load(okp) != 0, tl.load(counts + c), 0)   # no escape is read unless everything validated
     base = tl.load(incl + c) - tl.load(counts + c)
     body = payload + hb
     M32 = tl.full([], 4294967295, tl.int64)
@@ -405,18 +405,18 @@ def exp4_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, i
     for j0 in range(0, cc, EB):
         jj = j0 + tl.arange(0, EB)
         kk = base + jj
-        m = (((jj < cc) & (kk < m_esc)).to(tl.int32) & ok.to(tl.int32)) != 0
-        p = tl.load(body + off_pos + 2 * kk, mask=m, other=0).to(tl.int64) | \
-            (tl.load(body + off_pos + 2 * kk + 1, mask=m, other=0).to(tl.int64) << 8)
+        m = (jj < cc) & (kk < n_esc.to(tl.int64))
+        p = _load_u16(body + off_pos + 2 * kk, m)
         m = m & (p < clen)
         g = cs + p
         sm = tl.load(body + g, mask=m, other=0).to(tl.int32)
-        cb = tl.load(body + off_codes + g // 2, mask=m, other=0).to(tl.int32)
-        code = (cb >> ((g & 1) * 4).to(tl.int32)) & 0xF
-        e_old = tl.load(payload + 16 + code, mask=m, other=0).to(tl.int32)
-        e_new = tl.load(body + off_exp + kk, mask=m, other=0).to(tl.int32)
-        x_old = ((sm & 0x80) << 8) | (e_old << 7) | (sm & 0x7F)
-        x_new = ((sm & 0x80) << 8) | (e_new << 7) | (sm & 0x7F)
+        x_new = _bf16_of(sm, tl.load(body + off_exp + kk, mask=m, other=0).to(tl.int32))
+        if READBACK:
+            x_old = _gather(y0, ptrs, starts, R, g, m, cs, cs + clen, EB, tl.int16, MULTI, ALIGN).to(tl.int32) & 0xFFFF
+        else:
+            cb = tl.load(body + off_codes + g // 2, mask=m, other=0).to(tl.int32)
+            code = (cb >> ((g & 1) * 4).to(tl.int32)) & 0xF
+            x_old = _bf16_of(sm, tl.load(payload + 16 + code, mask=m, other=0).to(tl.int32))
         _scatter(y0, ptrs, starts, R, g, x_new.to(tl.int16), m, cs, cs + clen, tl.int16, MULTI, ALIGN)
         d_lo = tl.where(m, (x_new & 0xFF) - (x_old & 0xFF), 0).to(tl.int64)
         d_hi = tl.where(m, (x_new >> 8) - (x_old >> 8), 0).to(tl.int64)
@@ -425,3 +425,12 @@ def exp4_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, i
         db += w * d_lo + ((w + 1) & M32) * d_hi
     tl.store(ck + 2 * c, tl.sum(da, 0) & M32)
     tl.store(ck + 2 * c + 1, tl.sum(db, 0) & M32)
+
+
+@_jit
+def exp4_decode_patch(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
+                      off_pos, off_exp, MULTI: tl.constexpr, ALIGN: tl.constexpr, EB: tl.constexpr):
+    """Per chunk: overwrite its escaped elements with their raw exponents (after exp4_decode_dense, only when the
+    escape table validated) and write the checksum change this makes (_patch_escapes)."""
+    _patch_escapes(payload, hb, y0, ptrs, starts, R, n, n_esc, okp, counts, incl, ck, chunk_log2, off_codes,
+                   off_pos, off_exp, MULTI, ALIGN, EB, False)
