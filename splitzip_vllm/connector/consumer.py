@@ -215,13 +215,10 @@ class Consumer(DirectReads):
         """READ the mailbox slots of the transfer until prefill has posted its entry; True once it has."""
         remote = load.req.remote
         if src.mailbox_read is not None:
-            handle, off, size = src.mailbox_read
-            if not self._done(handle):
+            raw = self._landed(src.mailbox_read)
+            if raw is None:
                 return False
             src.mailbox_read = None
-            self.transport.release(handle)
-            raw = self.landing[off:off + size].numpy().tobytes()
-            self.landing_alloc.free(off)
             tag = transfer_tag(remote.engine_id, remote.transfer_id, src.rank, MAILBOX_PIECE, 0)
             try:
                 found = find_entry(raw, tag, src.rank)
@@ -235,17 +232,9 @@ class Consumer(DirectReads):
         if time.monotonic() - src.last_index < src.index_every:
             return False
         start, size = probe_range(remote.transfer_id)
-        try:
-            off = self.landing_alloc.allocate(size)
-        except ArenaFullError:
-            return False
-        addr = src.peer.info.mailbox_addr + start
-        local = self.landing.data_ptr() + off
-        src.mailbox_read = (self._read(src, [(local, size)], "DRAM", [(addr, size)], "DRAM", b""), off, size)
-        src.last_index = time.monotonic()
-        src.index_every = min(2 * src.index_every, INDEX_POLL_S[1])
-        load.wire += size
-        self.stats.add(index_read_bytes=size)
+        src.mailbox_read = self._poll_read(load, src, [(src.peer.info.mailbox_addr + start, size)])
+        if src.mailbox_read is not None:
+            src.index_every = min(2 * src.index_every, INDEX_POLL_S[1])
         return False
 
     # ---- compressed pieces -------------------------------------------------------------------------------------
@@ -272,29 +261,18 @@ class Consumer(DirectReads):
         """READ the index header and the entries spanning the pieces still waiting (one READ, two ranges)."""
         first = waiting[0]
         count = max(p for p in waiting if p < first + INDEX_WINDOW) - first + 1
-        size = HEADER_BYTES + ENTRY_BYTES * count
-        try:
-            off = self.landing_alloc.allocate(size)
-        except ArenaFullError:
-            return
-        local = self.landing.data_ptr() + off
         addr = src.manifest.index_addr
-        handle = self._read(src, [(local, HEADER_BYTES), (local + HEADER_BYTES, size - HEADER_BYTES)], "DRAM",
-                            [(addr, HEADER_BYTES), (addr + HEADER_BYTES + ENTRY_BYTES * first, size - HEADER_BYTES)],
-                            "DRAM", b"")
-        src.index_read = (handle, off, first, count)
-        src.last_index = time.monotonic()
-        load.wire += size
-        self.stats.add(index_read_bytes=size)
+        read = self._poll_read(load, src, [(addr, HEADER_BYTES),
+                                           (addr + HEADER_BYTES + ENTRY_BYTES * first, ENTRY_BYTES * count)])
+        if read is not None:
+            src.index_read = (*read, first)
 
     def _finish_index(self, load: Load, src: Source) -> None:
-        if src.index_read is None or not self._done(src.index_read[0]):
+        raw = self._landed(src.index_read[:3]) if src.index_read is not None else None
+        if raw is None:
             return
-        handle, off, first, count = src.index_read
+        first = src.index_read[3]
         src.index_read = None
-        self.transport.release(handle)
-        raw = self.landing[off:off + HEADER_BYTES + ENTRY_BYTES * count].numpy().tobytes()
-        self.landing_alloc.free(off)
         tag = transfer_tag(load.req.remote.engine_id, load.req.remote.request_id, src.rank, INDEX_PIECE,
                            src.manifest.nonce)
         try:
@@ -404,6 +382,38 @@ class Consumer(DirectReads):
         return dests, copies
 
     # ---- transport helpers ----------------------------------------------------------------------------------
+    def _poll_read(self, load: Load, src: Source, remote: list[tuple[int, int]]) -> tuple[object, int, int] | None:
+        """Start one small READ of prefill host memory (piece index, mailbox) into the landing buffer: (handle,
+        landing offset, bytes), or None while the landing buffer is full. Counted in wire and index-read bytes."""
+        size = sum(n for _, n in remote)
+        try:
+            off = self.landing_alloc.allocate(size)
+        except ArenaFullError:
+            return None
+        local, cursor = [], self.landing.data_ptr() + off
+        for _, n in remote:
+            local.append((cursor, n))
+            cursor += n
+        try:
+            handle = self._read(src, local, "DRAM", remote, "DRAM", b"")
+        except LoadError:
+            self.landing_alloc.free(off)   # the READ never started: nothing will land there
+            raise
+        src.last_index = time.monotonic()
+        load.wire += size
+        self.stats.add(index_read_bytes=size)
+        return handle, off, size
+
+    def _landed(self, read: tuple[object, int, int]) -> bytes | None:
+        """The bytes of a finished :meth:`_poll_read` (its landing space freed), or None while in flight."""
+        handle, off, size = read
+        if not self._done(handle):
+            return None
+        self.transport.release(handle)
+        raw = self.landing[off:off + size].numpy().tobytes()
+        self.landing_alloc.free(off)
+        return raw
+
     def _read(self, src: Source, local, local_mem, remote, remote_mem, notif: bytes, extent=None):
         try:
             return self.transport.read(src.peer.agent, local, local_mem, remote, remote_mem, notif,

@@ -219,6 +219,10 @@ class PiecePlan:
     def number(self, layer: int, head: int, run: int) -> int:
         return (layer * self.num_heads + head) * self.runs + run
 
+    def layer_pieces(self, layer: int) -> range:
+        """The numbers of one layer's pieces (they are consecutive)."""
+        return range(self.number(layer, 0, 0), self.number(layer + 1, 0, 0))
+
     def coords(self, number: int) -> tuple[int, int, int]:
         lh, run = divmod(number, self.runs)
         layer, head = divmod(lh, self.num_heads)

@@ -31,7 +31,7 @@ class Source:
     located: dict[int, tuple[int, int]] = field(default_factory=dict)   # ready, not fetched yet
     peer: Peer | None = None
     asked: bool = False
-    index_read: tuple | None = None   # (handle, landing offset, first entry, entries)
+    index_read: tuple | None = None   # (handle, landing offset, bytes, first entry)
     mailbox_read: tuple | None = None  # (handle, landing offset, bytes)
     last_index: float = 0.0
     index_every: float = INDEX_POLL_S[0]

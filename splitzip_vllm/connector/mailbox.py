@@ -56,7 +56,7 @@ class Mailbox:
     def __init__(self) -> None:
         self.buffer = torch.zeros(SLOTS * ENTRY_BYTES, dtype=torch.uint8)
         self._np = self.buffer.numpy()
-        self._used: dict[int, str] = {}
+        self._used: set[int] = set()   # slots holding a live entry
 
     @property
     def base(self) -> int:
@@ -73,13 +73,13 @@ class Mailbox:
         e = slot * ENTRY_BYTES
         self._np[e:e + len(fields)] = np.frombuffer(fields, dtype=np.uint8)
         self._np[e + len(fields):e + len(fields) + 4] = np.frombuffer(_CHECK.pack(_check(fields)), dtype=np.uint8)
-        self._used[slot] = transfer_id
+        self._used.add(slot)
         return slot
 
     def clear(self, slot: int) -> None:
         e = slot * ENTRY_BYTES
         self._np[e:e + ENTRY_BYTES] = 0
-        self._used.pop(slot, None)
+        self._used.discard(slot)
 
 
 def probe_range(transfer_id: str) -> tuple[int, int]:

@@ -199,7 +199,7 @@ class Producer:
         than the encode itself costs (GIL hand-offs between the thread's per-piece Python and the model thread
         are the likely cause). Inline, the forward pass pays just the encode, and decode's READs of a layer
         still overlap the layers after it."""
-        todo = collections.deque(p for p in s.spec if s.plan.coords(p)[0] in layers)
+        todo = collections.deque(p for layer in sorted(layers) for p in s.plan.layer_pieces(layer))
         while True:
             with self._cv:
                 while todo and todo[0] in s.encoded:
