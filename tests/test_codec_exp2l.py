@@ -6,9 +6,8 @@
   here from the spec alone;
 * the validation of FORMAT.md §6 for EXP2L (header fields, count tables, marker counts, escape order) with the
   reference's messages, and a corruption fuzz (never crash, never read past the payload, never write outside);
-* a backend without EXP2L (none in this release; the check runs for any backend class whose ``two_level`` is
-  False) would encode EXP4 and refuse EXP2L payloads cleanly. CUDA's EXP2L is checked through its CPU emulation
-  (tests/test_codec_cuda_emu_exp2l.py) and on a GPU by tests/test_codec_cuda.py.
+* CUDA's EXP2L is checked through its CPU emulation (tests/test_codec_cuda_emu_exp2l.py) and on a GPU by
+  tests/test_codec_cuda.py. Every backend implements EXP2L in this release.
 
 triton runs here only under its interpreter on CPU (``TRITON_INTERPRET=1`` before triton is imported, see
 tests/test_codec_triton.py); in any other session ``test_triton_runs_under_interpreter`` reruns this file's
@@ -21,13 +20,12 @@ import struct
 
 import pytest
 import torch
-from _codec_util import (BF16, Canary, all_bf16_patterns, all_specs, api_name, assert_bitwise_equal, backend,
+from _codec_util import (BF16, Canary, all_bf16_patterns, assert_bitwise_equal, backend,
                          backend_specs, bits, channel_kv_bf16, exponents, header_fields, random_bits, realistic_bf16,
                          reseal, run_under_interpreter, to_tensor, to_v1, top_codebook, with_fields)
 from test_codec_errors import GuardedPayload
 
 from splitzip_vllm.codec import Codebook, PayloadError, encode
-from splitzip_vllm.codec.backends import backend_classes
 from splitzip_vllm.codec.format import HEADER_BYTES, Exp2lLayout, encode_capacity
 
 # triton is listed on CPU only under its interpreter (then this process runs its cases)
@@ -478,24 +476,8 @@ def test_fuzz_messages_agree(spec):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# backends without EXP2L, codebook files
+# public API default, codebook files
 # ---------------------------------------------------------------------------------------------------------------
-NO_EXP2L = [pytest.param(s, d, id=f"{s}@{d}") for s, d in all_specs() if not backend_classes()[api_name(s)].two_level]
-
-
-@pytest.mark.parametrize("spec,device", NO_EXP2L or [pytest.param(
-    None, None, marks=pytest.mark.skip(reason="every backend usable here implements EXP2L"))])
-def test_backends_without_exp2l(spec, device):
-    out = torch.empty(encode_capacity(N, 2), dtype=torch.uint8, device=device)
-    with backend(spec, device) as be:
-        be.encode_into([X.to(device)], 1, CB, CL2, out)
-        raw = out.cpu().numpy().tobytes()
-        p = raw[:HEADER_BYTES + header_fields(raw)["body_bytes"]]
-        assert header_fields(p)["mode"] == 1 and p == enc("reference", X, CB.exp4(), CL2)
-        with pytest.raises(PayloadError, match="EXP2L payloads"):
-            be.decode_into(to_tensor(GOOD).to(device), [torch.empty(N, dtype=BF16, device=device)], 1)
-
-
 def test_public_api_default_is_exp2l():
     x = channel_kv_bf16(50000, seed=9)
     p = encode(x, cb22(x), backend="auto")
